@@ -1,0 +1,145 @@
+"""Pure functional IF/LIF core: the torch backend and the reference for the kernels.
+
+Nothing here modifies its inputs in place. The single-step functions are plain
+autograd code; :func:`multistep` runs the whole sequence in one
+:class:`torch.autograd.Function` with a hand-written BPTT backward that saves
+only the pre-spike potential ``h_seq``. Both use the same arithmetic, in the
+same order, so ``T`` single steps and one multi-step call give bit-identical
+spikes and states. The CUDA kernels follow that order too.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..surrogate import SurrogateFunction
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronParams:
+    """Everything that defines an IF/LIF update, apart from the tensors."""
+
+    kind: str  # "if" or "lif"
+    v_threshold: float
+    v_reset: Optional[float]  # None: soft reset
+    detach_reset: bool
+    surrogate: SurrogateFunction
+    tau: float = 2.0
+    decay_input: bool = True
+
+    @property
+    def hard_reset(self) -> bool:
+        return self.v_reset is not None
+
+    @property
+    def v_rest(self) -> float:
+        """The potential the leak decays to (``v_reset``, or 0 for soft reset)."""
+        return 0.0 if self.v_reset is None else self.v_reset
+
+
+def charge(x: torch.Tensor, v: torch.Tensor, p: NeuronParams, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Membrane potential ``H[t]`` after integrating ``x`` into ``V[t-1] = v``.
+
+    ``out`` (no-grad use only) receives the result instead of a new tensor.
+    """
+    if p.kind == "if":
+        return torch.add(v, x, out=out)
+    v_minus_rest = v - p.v_rest if p.v_rest != 0.0 else v
+    if p.decay_input:  # (X - (V - V_rest)) / tau + V
+        return torch.sub(x, v_minus_rest, out=out).div_(p.tau).add_(v)
+    # -(V - V_rest) / tau + V + X
+    return torch.div(v_minus_rest, p.tau, out=out).neg_().add_(v).add_(x)
+
+
+def fire(h: torch.Tensor, p: NeuronParams) -> torch.Tensor:
+    """Spikes ``Heaviside(h - v_threshold)`` with the surrogate gradient."""
+    return p.surrogate(h - p.v_threshold)
+
+
+def reset(h: torch.Tensor, spike: torch.Tensor, p: NeuronParams) -> torch.Tensor:
+    """Potential after the spike: hard ``H - H S + V_reset S`` or soft ``H - V_th S``.
+
+    The hard form equals ``H (1 - S) + V_reset S`` bit for bit for finite ``H``.
+    """
+    s = spike.detach() if p.detach_reset else spike
+    if p.hard_reset:
+        v = torch.addcmul(h, h, s, value=-1.0)
+        return v.add_(s, alpha=p.v_reset) if p.v_reset != 0.0 else v
+    return torch.add(h, s, alpha=-p.v_threshold)
+
+
+def step(x: torch.Tensor, v: torch.Tensor, p: NeuronParams) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One time step: charge, fire, reset. Returns ``(spike, v_next)``."""
+    h = charge(x, v, p)
+    spike = fire(h, p)
+    return spike, reset(h, spike, p)
+
+
+def multistep(
+    x_seq: torch.Tensor, v: torch.Tensor, p: NeuronParams, store_v_seq: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run ``T`` steps over ``x_seq`` ``[T, N, *]`` from the state ``v`` ``[N, *]``.
+
+    Returns ``(spike_seq, v_seq)`` with ``v_seq`` ``[T, N, *]`` if ``store_v_seq``,
+    else ``(spike_seq, v_last)``. Gradients flow to ``x_seq`` and ``v``.
+    """
+    return _MultiStep.apply(x_seq, v, p, store_v_seq)
+
+
+def _leak(p: NeuronParams) -> float:
+    """dH[t]/dV[t-1]."""
+    return 1.0 if p.kind == "if" else 1.0 - 1.0 / p.tau
+
+
+class _MultiStep(torch.autograd.Function):
+    # Full-size temporaries are few and updated in place: on CPU a fresh
+    # [T, N, *] allocation costs more than the arithmetic on it.
+    @staticmethod
+    def forward(ctx, x_seq, v, p, store_v_seq):
+        h_seq = torch.empty_like(x_seq)
+        spike_seq = torch.empty_like(x_seq)
+        v_seq = torch.empty_like(x_seq) if store_v_seq else None
+        for t in range(x_seq.shape[0]):
+            h = charge(x_seq[t], v, p, out=h_seq[t])
+            spike = torch.ge(h, p.v_threshold, out=spike_seq[t])  # float 0/1: Heaviside(h - V_th)
+            v = reset(h, spike, p)
+            if store_v_seq:
+                v_seq[t] = v
+        ctx.save_for_backward(h_seq)
+        ctx.p, ctx.store_v_seq = p, store_v_seq
+        return spike_seq, (v_seq if store_v_seq else v)
+
+    @staticmethod
+    def backward(ctx, grad_spike_seq, grad_v):
+        # BPTT, t = T-1 .. 0, with g[t] the gradient reaching V[t]:
+        #   grad_h[t] = grad_s[t] sg[t] + dV[t]/dH[t] g[t]
+        #   g[t-1]    = leak grad_h[t] (+ grad of v_seq[t-1] when stored)
+        (h_seq,) = ctx.saved_tensors
+        p = ctx.p
+        leak = _leak(p)
+        grad_h = p.surrogate.derivative(h_seq - p.v_threshold, inplace=True)  # sg, becomes grad_h
+        dv_dh = None if (p.detach_reset and not p.hard_reset) else torch.empty_like(h_seq[0])
+        g = torch.empty_like(h_seq[0]) if ctx.store_v_seq else None
+        for t in range(h_seq.shape[0] - 1, -1, -1):
+            sg = grad_h[t]
+            if p.hard_reset:  # (1 - S) [+ (V_reset - H) sg]
+                torch.lt(h_seq[t], p.v_threshold, out=dv_dh)
+                if not p.detach_reset:
+                    dv_dh.addcmul_(h_seq[t], sg, value=-1.0)
+                    if p.v_reset != 0.0:
+                        dv_dh.add_(sg, alpha=p.v_reset)
+            elif dv_dh is not None:  # 1 - V_th sg
+                torch.mul(sg, -p.v_threshold, out=dv_dh).add_(1.0)
+            sg.mul_(grad_spike_seq[t])
+            if ctx.store_v_seq:
+                g_t = torch.add(grad_v[t], grad_h[t + 1], alpha=leak, out=g) if t + 1 < len(h_seq) else grad_v[t]
+                value = 1.0
+            else:
+                g_t, value = (grad_h[t + 1], leak) if t + 1 < len(h_seq) else (grad_v, 1.0)
+            if dv_dh is None:
+                sg.add_(g_t, alpha=value)
+            else:
+                sg.addcmul_(g_t, dv_dh, value=value)
+        grad_v0 = grad_h[0] * leak if ctx.needs_input_grad[1] else None
+        grad_x = grad_h.div_(p.tau) if (p.kind == "lif" and p.decay_input) else grad_h
+        return grad_x, grad_v0, None, None

@@ -1,0 +1,177 @@
+"""IF and LIF neuron modules: thin wrappers around :mod:`snnkit.neuron._reference`."""
+import math
+from typing import Optional
+
+import torch
+
+from .. import surrogate as _surrogate
+from ..base import MemoryModule
+from . import _reference
+
+__all__ = ["BaseNode", "IFNode", "LIFNode"]
+
+BACKENDS = ("torch", "cupy")
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy":
+        from . import _cuda
+
+        _cuda.check_available()
+    return backend
+
+
+class BaseNode(MemoryModule):
+    """Base class of spiking neurons with membrane memory ``v``.
+
+    Subclasses define the charge; fire and reset are shared (see :mod:`snnkit.neuron`).
+
+    Args:
+        v_threshold: Firing threshold ``V_th``.
+        v_reset: Reset potential for hard reset, or ``None`` for soft reset
+            (subtract ``V_th`` on a spike).
+        surrogate_function: Spike function with surrogate gradient.
+        detach_reset: Detach the spike in the reset term.
+        step_mode: ``"s"`` (input ``[N, *]``) or ``"m"`` (input ``[T, N, *]``).
+        backend: ``"torch"`` (everywhere) or ``"cupy"`` (fused CUDA kernels).
+        store_v_seq: In ``"m"`` mode keep the potential sequence as ``self.v_seq``.
+
+    Raises:
+        ValueError: for an unknown ``step_mode`` or ``backend``, or a bad parameter.
+        RuntimeError: for ``backend="cupy"`` without CuPy or without a CUDA device.
+    """
+
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: Optional[float] = 0.0,
+        surrogate_function: _surrogate.SurrogateFunction = _surrogate.Sigmoid(),
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "torch",
+        store_v_seq: bool = False,
+    ):
+        super().__init__(step_mode)
+        if not (isinstance(v_threshold, (int, float)) and math.isfinite(v_threshold)):
+            raise ValueError(f"v_threshold must be a finite number, got {v_threshold!r}")
+        if v_reset is not None and not (isinstance(v_reset, (int, float)) and math.isfinite(v_reset)):
+            raise ValueError(f"v_reset must be a finite number or None (soft reset), got {v_reset!r}")
+        if not isinstance(surrogate_function, _surrogate.SurrogateFunction):
+            raise ValueError(
+                f"surrogate_function must be a snnkit.surrogate.SurrogateFunction, got {type(surrogate_function).__name__}"
+            )
+        self.v_threshold = float(v_threshold)
+        self.v_reset = None if v_reset is None else float(v_reset)
+        self.surrogate_function = surrogate_function
+        self.detach_reset = bool(detach_reset)
+        self.backend = backend
+        self.store_v_seq = bool(store_v_seq)
+        self.register_memory("v", 0.0 if v_reset is None else float(v_reset))
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, value: str):
+        self.__dict__["_backend"] = _check_backend(value)
+
+    def _params(self) -> _reference.NeuronParams:
+        raise NotImplementedError
+
+    def _initial_v(self, like: torch.Tensor) -> torch.Tensor:
+        v = self.v
+        if isinstance(v, torch.Tensor):
+            if v.shape != like.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: input of shape {tuple(like.shape)} does not match the state v of shape "
+                    f"{tuple(v.shape)}; call functional.reset_net(net) between batches of different shapes"
+                )
+            return v
+        return torch.full_like(like, v)
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        spike, self.v = _reference.step(x, self._initial_v(x), self._params())
+        return spike
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if x_seq.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__} in step_mode='m' expects a sequence [T, N, *], got shape {tuple(x_seq.shape)}; "
+                "use step_mode='s' for a single step"
+            )
+        v = self._initial_v(x_seq[0])
+        if self.backend == "cupy":
+            from ._cuda import ops
+
+            spike_seq, v_out = ops.multistep(x_seq, v, self._params(), self.store_v_seq)
+        else:
+            spike_seq, v_out = _reference.multistep(x_seq, v, self._params(), self.store_v_seq)
+        if self.store_v_seq:
+            self.v_seq = v_out
+            v_out = v_out[-1]
+        self.v = v_out
+        return spike_seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "m":
+            return self.multi_step_forward(x)
+        return self.single_step_forward(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+            f"step_mode={self.step_mode!r}, backend={self.backend!r}"
+        )
+
+
+class IFNode(BaseNode):
+    """Integrate-and-fire neuron: ``H[t] = V[t-1] + X[t]``.
+
+    Example:
+        >>> import torch
+        >>> from snnkit import neuron
+        >>> node = neuron.IFNode(step_mode="m")
+        >>> node(torch.tensor([[0.6], [0.6], [0.6]])).flatten()
+        tensor([0., 1., 0.])
+    """
+
+    def _params(self):
+        return _reference.NeuronParams("if", self.v_threshold, self.v_reset, self.detach_reset, self.surrogate_function)
+
+
+class LIFNode(BaseNode):
+    """Leaky integrate-and-fire neuron.
+
+    ``decay_input=True``: ``H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau``;
+    ``decay_input=False``: ``H[t] = V[t-1] - (V[t-1] - V_reset) / tau + X[t]``.
+
+    Args:
+        tau: Membrane time constant, ``>= 1``.
+        decay_input: Whether the input is divided by ``tau`` too.
+        **kwargs: The arguments of :class:`BaseNode`.
+
+    Example:
+        >>> import torch
+        >>> from snnkit import neuron
+        >>> node = neuron.LIFNode(tau=2.0, step_mode="m")
+        >>> node(torch.full((4, 1), 1.5)).flatten()
+        tensor([0., 1., 0., 1.])
+    """
+
+    def __init__(self, tau: float = 2.0, decay_input: bool = True, **kwargs):
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 1.0):
+            raise ValueError(f"tau must be a finite number >= 1, got {tau!r}")
+        super().__init__(**kwargs)
+        self.tau = float(tau)
+        self.decay_input = bool(decay_input)
+
+    def _params(self):
+        return _reference.NeuronParams(
+            "lif", self.v_threshold, self.v_reset, self.detach_reset, self.surrogate_function, self.tau, self.decay_input
+        )
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, decay_input={self.decay_input}, " + super().extra_repr()
