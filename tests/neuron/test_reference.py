@@ -1,0 +1,119 @@
+"""The functional core against golden values and a hand-written float64 BPTT reference."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from snnkit import surrogate
+from snnkit.neuron.functional import NeuronParams, multistep, step
+
+SURROGATE_DERIVATIVES = {  # written from the formulas, independently of snnkit.surrogate
+    "Sigmoid": lambda x, a: a * (1 / (1 + np.exp(-a * x))) * (1 - 1 / (1 + np.exp(-a * x))),
+    "ATan": lambda x, a: (a / 2) / (1 + (math.pi / 2 * a * x) ** 2),
+    "PiecewiseQuadratic": lambda x, a: np.where(np.abs(x) > 1 / a, 0.0, a - a * a * np.abs(x)),
+    "Rect": lambda x, a: np.where(np.abs(x) < 0.5 / a, a, 0.0),
+}
+
+
+def numpy_bptt(x, v0, kind, tau, decay_input, v_th, v_reset, detach_reset, sg_name, alpha, grad_s, grad_v_last):
+    """Forward and backward of T steps, by hand, in float64."""
+    T = x.shape[0]
+    vr = 0.0 if v_reset is None else v_reset
+    h, s, v = np.zeros_like(x), np.zeros_like(x), v0.copy()
+    for t in range(T):
+        if kind == "if":
+            h[t] = v + x[t]
+        elif decay_input:
+            h[t] = v + (x[t] - (v - vr)) / tau
+        else:
+            h[t] = v - (v - vr) / tau + x[t]
+        s[t] = (h[t] >= v_th).astype(np.float64)
+        v = h[t] * (1 - s[t]) + v_reset * s[t] if v_reset is not None else h[t] - v_th * s[t]
+    dh_dv = 1.0 if kind == "if" else 1 - 1 / tau
+    dh_dx = 1 / tau if (kind == "lif" and decay_input) else 1.0
+    sg = SURROGATE_DERIVATIVES[sg_name](h - v_th, alpha)
+    grad_x = np.zeros_like(x)
+    g_v = grad_v_last.copy()  # dL/dV[t]
+    for t in reversed(range(T)):
+        if v_reset is not None:
+            dv_dh = (1 - s[t]) + (0.0 if detach_reset else (v_reset - h[t]) * sg[t])
+        else:
+            dv_dh = 1.0 - (0.0 if detach_reset else v_th * sg[t])
+        g_h = grad_s[t] * sg[t] + g_v * dv_dh
+        grad_x[t] = g_h * dh_dx
+        g_v = g_h * dh_dv
+    return s, v, grad_x, g_v
+
+
+CONFIGS = [
+    c
+    for c in itertools.product(["if", "lif"], [True, False], [0.0, -0.2, None], [False, True], list(SURROGATE_DERIVATIVES))
+    if c[0] == "lif" or c[1]  # decay_input only applies to LIF
+]
+
+
+@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS)
+def test_multistep_matches_hand_written_bptt(kind, decay_input, v_reset, detach_reset, sg_name):
+    sg = getattr(surrogate, sg_name)()
+    p = NeuronParams(kind, 1.0, v_reset, detach_reset, sg, tau=1.7, decay_input=decay_input)
+    x = torch.rand(7, 3, 4, dtype=torch.float64) * 2.4 - 0.3
+    v0 = torch.rand(3, 4, dtype=torch.float64) * 0.4
+    grad_s, grad_v = torch.randn(7, 3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    x.requires_grad_(), v0.requires_grad_()
+    spikes, v_last = multistep(x, v0, p)
+    (spikes * grad_s).sum().add((v_last * grad_v).sum()).backward()
+    ref = numpy_bptt(x.detach().numpy(), v0.detach().numpy(), kind, 1.7, decay_input, 1.0, v_reset,
+                     detach_reset, sg_name, sg.alpha, grad_s.numpy(), grad_v.numpy())
+    np.testing.assert_array_equal(spikes.detach().numpy(), ref[0])
+    np.testing.assert_allclose(v_last.detach().numpy(), ref[1], atol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), ref[2], atol=1e-12)
+    np.testing.assert_allclose(v0.grad.numpy(), ref[3], atol=1e-12)
+    assert spikes.sum() > 0 and (spikes == 0).sum() > 0  # the test exercises both branches
+
+
+@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS[::3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multistep_equals_single_steps_bit_for_bit(kind, decay_input, v_reset, detach_reset, sg_name, dtype):
+    p = NeuronParams(kind, 0.8, v_reset, detach_reset, getattr(surrogate, sg_name)(), 3.0, decay_input)
+    x = (torch.rand(9, 2, 33, dtype=dtype) * 1.2).requires_grad_()
+    v0 = torch.zeros(2, 33, dtype=dtype)
+    spikes, v_seq = multistep(x, v0, p, store_v_seq=True)
+    grad = torch.randn_like(spikes)
+    (gx_multi,) = torch.autograd.grad((spikes * grad).sum() + v_seq.sum(), x)
+    v, outs, vs = v0, [], []
+    for t in range(9):
+        s, v = step(x[t], v, p)
+        outs.append(s)
+        vs.append(v)
+    assert torch.equal(torch.stack(outs), spikes) and torch.equal(torch.stack(vs), v_seq)
+    (gx_single,) = torch.autograd.grad((torch.stack(outs) * grad).sum() + torch.stack(vs).sum(), x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(gx_multi, gx_single, atol=tol, rtol=tol)
+
+
+def test_golden_lif_trajectory():
+    # tau = 2, v_reset = 0, constant input 1.5: H = V + (1.5 - V)/2.
+    # t0: H = 0.75 -> no spike, V = 0.75; t1: H = 1.125 -> spike, V = 0; t2: H = 0.75; t3: H = 1.125 -> spike.
+    p = NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid(), 2.0, True)
+    spikes, v_seq = multistep(torch.full((4, 1), 1.5, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), p, True)
+    assert spikes.flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert v_seq.flatten().tolist() == [0.75, 0.0, 0.75, 0.0]
+
+
+def test_golden_if_soft_reset_trajectory():
+    # IF soft reset, input 0.7: V = 0.7, 1.4 -> spike -> 0.4, 1.1 -> spike -> 0.1, 0.8
+    p = NeuronParams("if", 1.0, None, False, surrogate.Sigmoid())
+    spikes, v_seq = multistep(torch.full((4, 1), 0.7, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), p, True)
+    assert spikes.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+    np.testing.assert_allclose(v_seq.flatten().numpy(), [0.7, 0.4, 0.1, 0.8], atol=1e-15)
+
+
+def test_functions_do_not_modify_inputs():
+    p = NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid(), 2.0, False)
+    x, v = torch.rand(5, 4) * 2, torch.rand(4)
+    x0, v00 = x.clone(), v.clone()
+    multistep(x, v, p)
+    step(x[0], v, p)
+    assert torch.equal(x, x0) and torch.equal(v, v00)

@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from snnkit import functional, layer
+from snnkit._context import gc_1st_forward
+
+
+@pytest.mark.parametrize(
+    "ours,theirs,shape",
+    [
+        (layer.Linear(6, 3), nn.Linear(6, 3), (4, 2, 6)),
+        (layer.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 3, padding=1), (4, 2, 2, 5, 5)),
+        (layer.Conv1d(2, 3, 3), nn.Conv1d(2, 3, 3), (4, 2, 2, 7)),
+        (layer.MaxPool2d(2), nn.MaxPool2d(2), (4, 2, 3, 6, 6)),
+        (layer.AvgPool2d(2), nn.AvgPool2d(2), (4, 2, 3, 6, 6)),
+        (layer.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(1), (4, 2, 3, 6, 6)),
+        (layer.Flatten(), nn.Flatten(), (4, 2, 3, 2, 2)),
+        (layer.BatchNorm2d(3), nn.BatchNorm2d(3), (4, 2, 3, 5, 5)),
+        (layer.BatchNorm1d(3), nn.BatchNorm1d(3), (4, 2, 3)),
+    ],
+)
+def test_multi_step_equals_flattened_torch_layer(ours, theirs, shape):
+    theirs.load_state_dict(ours.state_dict())
+    ours.step_mode = "m"
+    x = torch.randn(shape)
+    expected = theirs(x.flatten(0, 1))
+    out = ours(x)
+    assert out.shape[:2] == shape[:2]
+    torch.testing.assert_close(out.flatten(0, 1), expected)
+    ours.step_mode = "s"
+    torch.testing.assert_close(ours(x[0]), theirs(x[0]))
+
+
+def test_seq_to_ann_container():
+    conv = nn.Conv2d(1, 2, 3)
+    f = layer.SeqToANNContainer(conv)
+    x = torch.randn(3, 2, 1, 5, 5)
+    torch.testing.assert_close(f(x), conv(x.flatten(0, 1)).view(3, 2, 2, 3, 3))
+
+
+def test_multi_step_shape_errors():
+    with pytest.raises(ValueError, match="Conv2d in step_mode='m' expects a 5-D sequence"):
+        layer.Conv2d(1, 1, 3, step_mode="m")(torch.randn(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="step_mode must be"):
+        layer.Linear(2, 2, step_mode="x")
+
+
+def test_batchnorm_skips_stats_in_gc_first_forward_only():
+    bn = layer.BatchNorm2d(3, step_mode="m")
+    x = torch.randn(2, 4, 3, 4, 4)
+    with torch.no_grad(), gc_1st_forward():
+        y_first = bn(x)
+    assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+    y = bn(x)
+    torch.testing.assert_close(y, y_first)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_dropout_mask_shared_over_time_until_reset():
+    d = layer.Dropout(0.5, step_mode="m")
+    y1 = d(torch.ones(4, 3, 50))
+    assert all(torch.equal(y1[0], y1[t]) for t in range(4))
+    assert set(y1.unique().tolist()) <= {0.0, 2.0}
+    y2 = d(torch.ones(4, 3, 50))
+    assert torch.equal(y1, y2)
+    functional.reset_net(d)
+    assert d.mask is None
+    d.eval()
+    assert torch.equal(d(torch.ones(4, 3, 50)), torch.ones(4, 3, 50))
+    with pytest.raises(ValueError, match="Dropout probability"):
+        layer.Dropout(1.0)
