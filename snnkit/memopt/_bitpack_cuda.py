@@ -1,0 +1,220 @@
+"""CUDA bit packing for :class:`BitSpikeCompressor`: 8 spikes a byte, validity flag in the same pass.
+
+Layout (the same as the torch implementation in :mod:`snnkit.memopt.compress`):
+element ``i`` of the flattened tensor goes to byte ``i // 8``, bit ``i % 8``
+(little-endian within a byte); the last byte is zero-padded.
+
+* :func:`pack` reads each value once, writes one byte per 8 values and, in the
+  same pass, sets an ``int32`` flag when a value is neither 0 nor 1, so that a
+  strictly binary compressor can refuse invalid input without a second read.
+  Values are tested by bit pattern (``+0.0``/``-0.0`` are 0, exactly ``1.0`` is
+  1; NaN, 0.5, 2, -1 are invalid), so one kernel serves every floating dtype of
+  a width without fp16 headers. A thread that sees an invalid value stores 1
+  into the flag; all writers store the same value, so no atomic is needed.
+* :func:`unpack` writes one element per thread (coalesced stores), reading the
+  byte it needs (the 8 threads of a byte hit the same cache line).
+* CuPy is imported on first use; kernels are compiled once per dtype and device
+  and run on torch's current stream, on the tensors' memory, without copies
+  (a non-contiguous input is made contiguous first).
+
+Example:
+    >>> print(pack_source("float16").splitlines()[0])
+    // snnkit bit packing: snnkit_bitpack_f16
+"""
+import functools
+from typing import Tuple
+
+import torch
+
+__all__ = ["pack", "unpack", "pack_source", "unpack_source", "pack_name", "unpack_name", "pack_params", "unpack_params"]
+
+#: dtype name -> (tag, unsigned storage type, bit pattern of 1, mask without the sign bit)
+_BIT_DTYPES = {
+    "float32": ("f32", "unsigned int", "0x3F800000u", "0x7FFFFFFFu"),
+    "float16": ("f16", "unsigned short", "0x3C00u", "0x7FFFu"),
+    "bfloat16": ("bf16", "unsigned short", "0x3F80u", "0x7FFFu"),
+    "float64": ("f64", "unsigned long long", "0x3FF0000000000000ull", "0x7FFFFFFFFFFFFFFFull"),
+    "uint8": ("u8", "unsigned char", "0x01u", "0xFFu"),  # also bool, viewed as uint8
+}
+_TORCH = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.uint8: "uint8",
+    torch.bool: "uint8",
+}
+BLOCK = 256
+
+
+def _entry(dtype: str):
+    if dtype not in _BIT_DTYPES:
+        raise ValueError(f"snnkit.memopt: bit packing supports {tuple(_BIT_DTYPES)}, got {dtype!r}")
+    return _BIT_DTYPES[dtype]
+
+
+def pack_name(dtype: str) -> str:
+    """Kernel name, e.g. ``snnkit_bitpack_f32``."""
+    return f"snnkit_bitpack_{_entry(dtype)[0]}"
+
+
+def unpack_name(dtype: str) -> str:
+    """Kernel name, e.g. ``snnkit_bitunpack_f32``."""
+    return f"snnkit_bitunpack_{_entry(dtype)[0]}"
+
+
+def pack_params(dtype: str):
+    """``[(C type, name), ...]`` of the pack kernel (one thread per output byte)."""
+    u = _entry(dtype)[1]
+    return [
+        (f"const {u}* __restrict__", "s"),  # [numel]
+        ("unsigned char* __restrict__", "packed"),  # [ceil(numel / 8)]
+        ("int* __restrict__", "flag"),  # [1], set to 1 on a non-binary value
+        ("const long long", "numel"),
+    ]
+
+
+def unpack_params(dtype: str):
+    """``[(C type, name), ...]`` of the unpack kernel (one thread per element)."""
+    u = _entry(dtype)[1]
+    return [
+        ("const unsigned char* __restrict__", "packed"),  # [ceil(numel / 8)]
+        (f"{u}* __restrict__", "out"),  # [numel]
+        ("const long long", "numel"),
+    ]
+
+
+def _signature(name, params) -> str:
+    args = ",\n    ".join(f"{t} {n}" for t, n in params)
+    return f'extern "C" __global__ void {name}(\n    {args})'
+
+
+_PACK = r"""// snnkit bit packing: {name}
+{signature}
+{{
+    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b * 8 >= numel) return;
+    unsigned int byte = 0;
+    int bad = 0;
+    for (int j = 0; j < 8; j++) {{
+        const long long e = b * 8 + j;
+        if (e >= numel) break;
+        const {U} bits = s[e];
+        if (bits == ({U}){one}) byte |= 1u << j;
+        else if ((bits & ({U}){mask}) != 0) bad = 1;
+    }}
+    packed[b] = (unsigned char)byte;
+    if (bad) *flag = 1;
+}}
+"""
+
+_UNPACK = r"""// snnkit bit unpacking: {name}
+{signature}
+{{
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= numel) return;
+    out[e] = ((packed[e >> 3] >> (e & 7)) & 1) ? ({U}){one} : ({U})0;
+}}
+"""
+
+
+def pack_source(dtype: str) -> str:
+    """CUDA source of the pack kernel for elements of ``dtype`` (a name such as ``"float32"``)."""
+    _, u, one, mask = _entry(dtype)
+    name = pack_name(dtype)
+    return _PACK.format(name=name, signature=_signature(name, pack_params(dtype)), U=u, one=one, mask=mask)
+
+
+def unpack_source(dtype: str) -> str:
+    """CUDA source of the unpack kernel for elements of ``dtype``."""
+    _, u, one, _ = _entry(dtype)
+    name = unpack_name(dtype)
+    return _UNPACK.format(name=name, signature=_signature(name, unpack_params(dtype)), U=u, one=one)
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name: str, source: str, device: int):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=source).get_function(name)
+
+
+def _cupy_launcher(name, source, params, n_threads, args):
+    import cupy
+    import numpy as np
+
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    fn = _function(name, source, device.index)
+    conv = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int64(a) for a in args)
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        fn(((n_threads + BLOCK - 1) // BLOCK,), (BLOCK,), conv)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _TORCH:
+        raise ValueError(
+            f"snnkit.memopt: bit packing supports {', '.join(map(str, _TORCH))} tensors, got {dtype}; "
+            "cast the spikes to float first"
+        )
+    return _TORCH[dtype]
+
+
+def _pack(s: torch.Tensor, launcher) -> Tuple[torch.Tensor, torch.Tensor]:
+    name = _dtype_name(s.dtype)
+    flat = s.contiguous().view(-1)
+    if s.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    numel = flat.numel()
+    packed = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=s.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=s.device)
+    if numel > 0:
+        launcher(pack_name(name), pack_source(name), pack_params(name), packed.numel(), (flat, packed, flag, numel))
+    return packed, flag
+
+
+def _unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype, launcher) -> torch.Tensor:
+    name = _dtype_name(dtype)
+    if packed.dtype != torch.uint8 or packed.numel() < (numel + 7) // 8:
+        raise ValueError(
+            f"snnkit.memopt: unpack needs a uint8 tensor of at least {(numel + 7) // 8} bytes for {numel} values, "
+            f"got {packed.dtype} with {packed.numel()} elements"
+        )
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if numel > 0:
+        raw = out.view(torch.uint8) if dtype == torch.bool else out
+        launcher(unpack_name(name), unpack_source(name), unpack_params(name), numel, (packed.contiguous(), raw, numel))
+    return out
+
+
+def _check_cuda(t: torch.Tensor, what: str) -> None:
+    if not t.is_cuda:
+        raise ValueError(f"snnkit.memopt: CUDA bit packing needs a CUDA tensor, got {what} on {t.device}")
+
+
+def pack(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pack spikes ``s`` (any shape, on CUDA) into ``ceil(numel / 8)`` bytes.
+
+    Args:
+        s: float32/float16/bfloat16/float64/uint8/bool CUDA tensor of 0s and 1s.
+
+    Returns:
+        ``(packed, flag)``: ``packed`` is ``uint8`` ``[ceil(numel / 8)]``; ``flag`` is
+        ``int32`` ``[1]``, nonzero if a value was neither 0 nor 1 (those pack to 0).
+
+    Raises:
+        ValueError: for a CPU tensor or an unsupported dtype.
+    """
+    _check_cuda(s, "s")
+    return _pack(s, _cupy_launcher)
+
+
+def unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``numel`` bits as a flat tensor of ``dtype`` (0s and 1s).
+
+    Raises:
+        ValueError: for a CPU tensor, an unsupported dtype, or too few bytes.
+    """
+    _check_cuda(packed, "packed")
+    return _unpack(packed, numel, dtype, _cupy_launcher)

@@ -1,0 +1,218 @@
+"""Launch layer of the CuPy backend: fused multistep IF/LIF on torch CUDA tensors.
+
+:func:`multistep` has exactly the contract of :func:`snnkit.neuron._reference.multistep`
+(``(spike_seq, v_last)`` or ``(spike_seq, v_seq)``, gradients to ``x_seq`` and ``v``)
+and runs one forward kernel over all ``T`` steps and one backward kernel (BPTT)
+instead of ``O(T)`` torch ops. See :mod:`snnkit.neuron._cuda.codegen` for the kernels
+and what they save for backward (``h_seq`` only, and nothing when no gradient is needed).
+
+* CuPy is imported on first use, never at ``import snnkit``.
+* Kernels are compiled with ``cupy.RawModule`` (options ``--fmad=false``, no fast
+  math) once per kernel specification and device, and cached in-process (CuPy also
+  keeps its on-disk cache).
+* Tensors are passed by pointer, no copies; kernels run on torch's current stream
+  of the tensors' device, so they order correctly with surrounding torch work.
+* Inputs must be contiguous CUDA tensors of one device and one dtype
+  (``float32`` or ``float16``); anything else raises a ``ValueError`` that says what
+  arrived and what to do. Gradients arriving in backward are made contiguous here.
+* Only ``step_mode="m"`` runs the kernels. In ``step_mode="s"`` a ``backend="cupy"``
+  node uses the torch step of :mod:`snnkit.neuron._reference` on the same device:
+  a one-step kernel would save one or two launches over torch's few elementwise
+  ops, not worth a second kernel family.
+
+The autograd function takes a *launcher* (``launcher(name, source, params,
+n_threads, args)``), so the same code path can run the sources on CPU under an
+emulator in the tests; :func:`multistep` always uses the CuPy launcher.
+"""
+import functools
+from typing import Tuple
+
+import torch
+
+from .._reference import NeuronParams
+from . import codegen
+
+__all__ = ["multistep", "kernel_scalars", "spec_for"]
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+BLOCK = 256
+
+
+def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
+    """The kernel specification of neuron parameters ``p`` for tensors of ``dtype``."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(
+            f"backend='cupy' supports float32 and float16 tensors, got {dtype}; "
+            "cast the input with .float() or .half(), or use backend='torch'"
+        )
+    return codegen.make_spec(p.kind, p.decay_input, p.hard_reset, p.detach_reset, p.surrogate, _TORCH_DTYPES[dtype])
+
+
+def kernel_scalars(p: NeuronParams) -> dict:
+    """Scalar kernel arguments, rounded to float32 from the same Python values the reference uses."""
+    tau = p.tau if p.kind == "lif" else 1.0
+    leak = 1.0 if p.kind == "if" else 1.0 - 1.0 / p.tau  # in double, like _reference._leak
+    return {"v_threshold": p.v_threshold, "v_reset": p.v_rest, "tau": tau, "leak": leak}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(spec: codegen.KernelSpec):
+    """``(name, source, params)`` of the forward kernel, built once per spec."""
+    return codegen.forward_name(spec), codegen.forward_source(spec), codegen.forward_params(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_kernel(spec: codegen.KernelSpec):
+    """``(name, source, params)`` of the backward kernel, built once per spec."""
+    return codegen.backward_name(spec), codegen.backward_source(spec), codegen.backward_params(spec)
+
+
+# --- CuPy launcher -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name: str, source: str, device: int):
+    """Compiled kernel ``name`` of ``source`` on ``device`` (``source`` is a function of the spec)."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        module = cupy.RawModule(code=source, options=codegen.NVCC_OPTIONS)
+        return module.get_function(name)
+
+
+def _cupy_arg(c_type: str, value):
+    import numpy as np
+
+    if "*" in c_type:
+        return np.uint64(0 if value is None else value.data_ptr())
+    if "float" in c_type:
+        return np.float32(value)
+    if "long long" in c_type:
+        return np.int64(value)
+    return np.int32(value)
+
+
+def _cupy_launcher(name, source, params, n_threads, args):
+    import cupy
+
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    fn = _function(name, source, device.index)
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        fn(((n_threads + BLOCK - 1) // BLOCK,), (BLOCK,), tuple(_cupy_arg(t, a) for (t, _), a in zip(params, args)))
+
+
+# --- autograd ------------------------------------------------------------------------
+
+
+class _FusedMultiStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_seq, v, p, store_v_seq, launcher):
+        spec = spec_for(p, x_seq.dtype)
+        T, N = x_seq.shape[0], v.numel()
+        sc = kernel_scalars(p)
+        spike_seq = torch.empty_like(x_seq)
+        save = any(ctx.needs_input_grad[:2])
+        h_seq = torch.empty_like(x_seq) if save else None
+        v_out = torch.empty_like(x_seq) if store_v_seq else torch.empty_like(v)
+        if N > 0:
+            scalars = (sc["v_threshold"], sc["v_reset"], sc["tau"], int(store_v_seq), T, N)
+            args = (x_seq, v, spike_seq, h_seq, v_out, *scalars)
+            launcher(*_forward_kernel(spec), N, args)
+        elif not store_v_seq:
+            v_out = v.clone()
+        if save:
+            ctx.save_for_backward(h_seq)
+        ctx.spec, ctx.p, ctx.store_v_seq, ctx.launcher = spec, p, store_v_seq, launcher
+        return spike_seq, v_out
+
+    @staticmethod
+    def backward(ctx, grad_spike_seq, grad_v):
+        (h_seq,) = ctx.saved_tensors
+        spec, p = ctx.spec, ctx.p
+        T = h_seq.shape[0]
+        N = h_seq[0].numel() if T > 0 else 0
+        sc = kernel_scalars(p)
+        grad_x = torch.empty_like(h_seq)
+        grad_v0 = torch.empty(h_seq.shape[1:], dtype=h_seq.dtype, device=h_seq.device)
+        if N > 0:
+            args = (
+                grad_spike_seq.contiguous(),
+                grad_v.contiguous(),
+                h_seq,
+                grad_x,
+                grad_v0,
+                sc["v_threshold"],
+                sc["v_reset"],
+                sc["tau"],
+                sc["leak"],
+                int(ctx.store_v_seq),
+                T,
+                N,
+            )
+            ctx.launcher(*_backward_kernel(spec), N, args)
+        elif T == 0 and not ctx.store_v_seq:
+            grad_v0 = grad_v.clone()
+        else:
+            grad_v0.zero_()
+        return grad_x, (grad_v0 if ctx.needs_input_grad[1] else None), None, None, None
+
+
+def _check(x_seq: torch.Tensor, v: torch.Tensor) -> None:
+    if not (x_seq.is_cuda and v.is_cuda):
+        raise ValueError(
+            f"backend='cupy' needs CUDA tensors, got x_seq on {x_seq.device} and v on {v.device}; "
+            "move the network and its input to a CUDA device, or use backend='torch'"
+        )
+    if x_seq.device != v.device:
+        raise ValueError(
+            f"backend='cupy': x_seq is on {x_seq.device} but the state v is on {v.device}; "
+            "keep the input and the network on one device (call functional.reset_net(net) after moving it)"
+        )
+    if x_seq.dtype != v.dtype:
+        raise ValueError(
+            f"backend='cupy': x_seq is {x_seq.dtype} but the state v is {v.dtype}; "
+            "call functional.reset_net(net) after changing the input dtype"
+        )
+    if x_seq.dim() < 1 or tuple(v.shape) != tuple(x_seq.shape[1:]):
+        raise ValueError(
+            f"backend='cupy': v of shape {tuple(v.shape)} does not match x_seq[0] of shape {tuple(x_seq.shape[1:])}"
+        )
+    for name, t in (("x_seq", x_seq), ("v", v)):
+        if not t.is_contiguous():
+            raise ValueError(
+                f"backend='cupy' needs contiguous tensors, got a non-contiguous {name} with strides {t.stride()}; "
+                "call .contiguous() on the input first"
+            )
+
+
+def multistep(
+    x_seq: torch.Tensor, v: torch.Tensor, p: NeuronParams, store_v_seq: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused CUDA version of :func:`snnkit.neuron._reference.multistep` (same contract).
+
+    Args:
+        x_seq: Input ``[T, N, *]``, contiguous, float32 or float16, on a CUDA device.
+        v: State before the first step, shaped like ``x_seq[0]``, same device and dtype.
+        p: Neuron parameters.
+        store_v_seq: Return the potential sequence ``[T, N, *]`` instead of the last one.
+
+    Returns:
+        ``(spike_seq, v_seq)`` if ``store_v_seq`` else ``(spike_seq, v_last)``.
+
+    Raises:
+        ValueError: for CPU tensors, mixed devices or dtypes, non-contiguous tensors,
+            or an unsupported dtype.
+
+    Example:
+        >>> import torch
+        >>> from snnkit import surrogate
+        >>> from snnkit.neuron._reference import NeuronParams
+        >>> p = NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid())
+        >>> x = torch.rand(8, 4, 16, device="cuda")  # doctest: +SKIP
+        >>> spike_seq, v = multistep(x, torch.zeros_like(x[0]), p)  # doctest: +SKIP
+    """
+    _check(x_seq, v)
+    spec_for(p, x_seq.dtype)  # dtype check before autograd
+    return _FusedMultiStep.apply(x_seq, v, p, bool(store_v_seq), _cupy_launcher)
+

@@ -1,0 +1,138 @@
+"""CPU-only checks of the generated CUDA sources and of the launch layer's pure parts."""
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snnkit import surrogate
+from snnkit.neuron import _reference
+from snnkit.neuron._cuda import codegen, ops
+
+SURROGATES = (surrogate.Sigmoid(), surrogate.ATan(), surrogate.PiecewiseQuadratic(), surrogate.Rect())
+
+
+def _all_specs():
+    for (neuron, di), hard, detach, sg, dt in itertools.product(
+        (("if", False), ("lif", True), ("lif", False)), (True, False), (True, False), SURROGATES, ("float32", "float16")
+    ):
+        yield codegen.make_spec(neuron, di, hard, detach, sg, dt)
+
+
+def test_names_follow_the_spec():
+    spec = codegen.make_spec("lif", True, True, False, surrogate.Sigmoid(), "float32")
+    assert codegen.forward_name(spec) == "snnkit_lif_fwd_f32_hard"
+    assert codegen.backward_name(spec) == "snnkit_lif_bwd_f32_hard_sigmoid_4p0"
+    spec = codegen.make_spec("lif", False, False, True, surrogate.ATan(alpha=3.5), "float16")
+    assert codegen.forward_name(spec) == "snnkit_lif_ndi_fwd_f16_soft"
+    assert codegen.backward_name(spec) == "snnkit_lif_ndi_bwd_f16_soft_detach_atan_3p5"
+    spec = codegen.make_spec("if", True, True, False, surrogate.Rect(), "float32")
+    assert not spec.decay_input and codegen.forward_name(spec) == "snnkit_if_fwd_f32_hard"
+
+
+def test_names_unique_and_sources_deterministic():
+    specs = list(_all_specs())
+    assert len(specs) == 96
+    bwd = {codegen.backward_name(s): codegen.backward_source(s) for s in specs}
+    assert len(bwd) == 96 and len(set(bwd.values())) == 96  # one name, one source per spec
+    fwd = {codegen.forward_name(s): codegen.forward_source(s) for s in specs}
+    assert len(fwd) == 12 and len(set(fwd.values())) == 12  # forward ignores detach and surrogate
+    for s in specs:  # rebuilt from scratch: same text; the name is inside the source
+        again = codegen.make_spec(s.neuron, s.decay_input, s.hard_reset, s.detach_reset, SURROGATES[0], s.dtype)
+        assert codegen.forward_source(again) == fwd[codegen.forward_name(s)]
+        assert f" {codegen.backward_name(s)}(" in bwd[codegen.backward_name(s)]
+
+
+def test_spec_is_a_hashable_cache_key():
+    a = codegen.make_spec("lif", True, False, True, surrogate.Sigmoid(alpha=2.0), "float32")
+    b = codegen.make_spec("lif", True, False, True, surrogate.Sigmoid(alpha=2.0), "float32")
+    c = codegen.make_spec("lif", True, False, True, surrogate.Sigmoid(alpha=2.5), "float32")
+    assert a == b and hash(a) == hash(b) and a != c
+    assert codegen.backward_name(a) != codegen.backward_name(c)
+    with pytest.raises(AttributeError):
+        a.neuron = "if"
+
+
+@pytest.mark.parametrize("sg", SURROGATES, ids=lambda s: type(s).__name__)
+def test_backward_inlines_the_surrogate_derivative(sg):
+    spec = codegen.make_spec("lif", True, True, False, sg, "float32")
+    src = codegen.backward_source(spec)
+    assert sg.cuda_derivative("hx", "sg") in src
+    assert "const float hx = h - v_threshold;" in src
+
+
+def test_arithmetic_in_reference_order():
+    lif = codegen.make_spec("lif", True, True, False, surrogate.Sigmoid(), "float32")
+    ndi = codegen.make_spec("lif", False, False, False, surrogate.Sigmoid(), "float32")
+    if_ = codegen.make_spec("if", False, True, True, surrogate.Sigmoid(), "float32")
+    assert "h = (x - (v_reset == 0.0f ? v : v - v_reset)) / tau + v;" in codegen.forward_source(lif)
+    assert "h = -(v_reset == 0.0f ? v : v - v_reset) / tau + v + x;" in codegen.forward_source(ndi)
+    assert "h = v + x;" in codegen.forward_source(if_)
+    assert "const float s = (h >= v_threshold) ? 1.0f : 0.0f;" in codegen.forward_source(lif)
+    assert "v = h - h * s + v_reset * s;" in codegen.forward_source(lif)
+    assert "v = h + s * (-v_threshold);" in codegen.forward_source(ndi)
+    assert "grad_x_seq[k] = grad_h / tau;" in codegen.backward_source(lif)  # decay_input scales dX
+    assert "grad_x_seq[k] = grad_h;" in codegen.backward_source(ndi)
+    assert "dv_dh" not in codegen.backward_source(
+        codegen.make_spec("if", False, False, True, surrogate.Sigmoid(), "float32")
+    ).replace("// dV/dH = 1 (soft reset, detached)", "")
+    assert "1.0f / tau" not in codegen.forward_source(lif)  # divide, as the reference does
+    assert codegen.NVCC_OPTIONS == ("--fmad=false",)
+
+
+def test_float16_loads_and_stores_half_computes_float():
+    spec = codegen.make_spec("lif", True, True, False, surrogate.Sigmoid(), "float16")
+    src = codegen.forward_source(spec)
+    assert src.startswith("// snnkit") and "#include <cuda_fp16.h>" in src
+    assert "const __half* __restrict__ x_seq" in src and "const float x = __half2float(x_seq[k]);" in src
+    assert "spike_seq[k] = __float2half_rn(s);" in src
+    f32 = codegen.forward_source(codegen.make_spec("lif", True, True, False, surrogate.Sigmoid(), "float32"))
+    assert "half" not in f32
+
+
+def test_params_match_the_signature():
+    spec = codegen.make_spec("if", False, False, False, surrogate.Sigmoid(), "float32")
+    names = [n for _, n in codegen.forward_params(spec)]
+    assert names == ["x_seq", "v_init", "spike_seq", "h_seq", "v_out", "v_threshold", "v_reset", "tau",
+                     "store_v_seq", "T", "N"]  # fmt: skip
+    src = codegen.forward_source(spec)
+    for t, n in codegen.forward_params(spec):
+        assert f"{t} {n}" in src
+    for t, n in codegen.backward_params(spec):
+        assert f"{t} {n}" in codegen.backward_source(spec)
+
+
+def test_spec_validation():
+    sg = surrogate.Sigmoid()
+    with pytest.raises(ValueError, match="neuron must be 'if' or 'lif', got 'alif'"):
+        codegen.make_spec("alif", False, True, False, sg, "float32")
+    with pytest.raises(ValueError, match="dtype must be one of .*got 'float64'"):
+        codegen.make_spec("lif", True, True, False, sg, "float64")
+    with pytest.raises(ValueError, match="decay_input applies to 'lif' only"):
+        codegen.KernelSpec("if", True, True, False, "float32", "sigmoid_4p0", "")
+
+
+def test_kernel_scalars_follow_the_reference():
+    p = _reference.NeuronParams("lif", 0.7, None, False, surrogate.Sigmoid(), tau=3.0)
+    sc = ops.kernel_scalars(p)
+    assert sc == {"v_threshold": 0.7, "v_reset": 0.0, "tau": 3.0, "leak": _reference._leak(p)}
+    p = _reference.NeuronParams("if", 1.0, -0.5, True, surrogate.Rect(), tau=5.0)
+    assert ops.kernel_scalars(p) == {"v_threshold": 1.0, "v_reset": -0.5, "tau": 1.0, "leak": 1.0}
+
+
+def test_launch_layer_errors_on_cpu():
+    p = _reference.NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid())
+    x = torch.rand(3, 4)
+    with pytest.raises(ValueError, match="backend='cupy' needs CUDA tensors, got x_seq on cpu"):
+        ops.multistep(x, torch.zeros(4), p)
+    with pytest.raises(ValueError, match="supports float32 and float16 tensors, got torch.float64"):
+        ops.spec_for(p, torch.float64)
+
+
+def test_import_never_loads_cupy():
+    code = (
+        "import sys, snnkit, snnkit.neuron._cuda.ops, snnkit.neuron._cuda.codegen, snnkit.memopt._bitpack_cuda;"
+        "assert 'cupy' not in sys.modules, 'cupy imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

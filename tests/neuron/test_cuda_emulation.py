@@ -1,0 +1,230 @@
+"""Every generated CUDA source, compiled unchanged with g++ and run on CPU, against the torch backend.
+
+The sources are compiled under ``cuda_emu/cuda_emu.h`` (see ``cuda_emu/harness.py``)
+and launched through the same autograd function and argument lists as on the GPU
+(``ops._FusedMultiStep`` with an emulating launcher instead of CuPy's), so this
+checks indexing, argument order, the arithmetic and the BPTT recurrence of every
+configuration. float32 forward results must be bit-identical to the torch CPU
+reference; float16 is modelled with g++'s ``_Float16`` (IEEE binary16,
+round-to-nearest-even, as ``__float2half_rn``). What it cannot check: real
+parallel execution, CUDA's own ``expf``/``atanf`` ulps, NVRTC quirks (the GPU suite
+in ``tests/gpu`` does).
+"""
+import functools
+import importlib.util
+import itertools
+import os
+import shutil
+
+import pytest
+import torch
+
+from snnkit.memopt import _bitpack_cuda as bitpack
+from snnkit.memopt import compress
+from snnkit.neuron import _reference
+from snnkit.neuron._cuda import codegen, ops
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+def _load(name):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"snnkit_cuda_emu_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_kernels = _load("kernels")
+SURROGATES, NEURONS = _kernels.SURROGATES, _kernels.NEURONS
+f16_reference, ref_backward = _kernels.f16_reference, _kernels.ref_backward
+BIT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+              "float64": torch.float64, "uint8": torch.uint8, "bool": torch.bool}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
+def _emulator():
+    # Built once per process (and cached on disk by source hash); immutable afterwards.
+    kernels = _kernels.all_kernels()
+    return _load("harness").build(kernels), {name: src for name, _, src in kernels}
+
+
+class EmuLauncher:
+    """Drop-in for the CuPy launcher: runs the compiled source on CPU tensors; counts calls."""
+
+    def __init__(self, block=64):
+        self.emu, self.sources = _emulator()
+        self.block = block
+        self.calls = []
+
+    def __call__(self, name, source, params, n_threads, args):
+        assert self.sources[name] == source, f"{name}: launched source differs from the compiled one"
+        assert len(args) == len(params)
+        conv = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                assert a.device.type == "cpu" and a.is_contiguous()
+                conv.append(a.data_ptr())
+            else:
+                conv.append(a)
+        self.calls.append(name)
+        self.emu.launch(name, n_threads, *conv, block=self.block)
+
+
+def _params(neuron, hard, detach, sg, variant):
+    kind, di = NEURONS[neuron]
+    v_th, v_reset, tau = [(1.0, 0.0, 2.0), (0.6, -0.2, 3.0)][variant]
+    return _reference.NeuronParams(kind, v_th, v_reset if hard else None, detach, SURROGATES[sg](), tau, di)
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 0.8 + 0.35).to(dtype)
+    v = (torch.rand(shape[1:], generator=g) * 0.5).to(dtype)
+    gs = torch.randn(shape, generator=g).to(dtype)
+    gv = torch.randn(shape, generator=g).to(dtype)
+    return x, v, gs, gv
+
+
+def _run(fn, x, v, gs, gv, store):
+    x = x.detach().clone().requires_grad_()
+    v = v.detach().clone().requires_grad_()
+    spike, v_out = fn(x, v)
+    (spike * gs).sum().add_((v_out * (gv if store else gv[-1])).sum()).backward()
+    return spike.detach(), v_out.detach(), x.grad, v.grad
+
+
+CONFIGS = list(itertools.product(NEURONS, ("hard", "soft"), ("detach", "nodetach"), SURROGATES, ("store", "last")))
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=["-".join(c) for c in CONFIGS])
+def test_kernels_match_torch_float32(neuron, reset, detach, sg, store, variant):
+    p = _params(neuron, reset == "hard", detach == "detach", sg, variant)
+    store = store == "store"
+    x, v, gs, gv = _inputs((7, 3, 37), torch.float32, seed=variant)  # 111 neurons: 2 blocks, a partial one
+    launcher = EmuLauncher()
+    got = _run(lambda a, b: ops._FusedMultiStep.apply(a, b, p, store, launcher), x, v, gs, gv, store)
+    ref = _run(lambda a, b: _reference.multistep(a, b, p, store), x, v, gs, gv, store)
+    spec = ops.spec_for(p, torch.float32)
+    assert launcher.calls == [codegen.forward_name(spec), codegen.backward_name(spec)]
+    assert 0.05 < ref[0].mean() < 0.95  # the test exercises both branches of the reset
+    assert torch.equal(got[0], ref[0])  # spikes, bit for bit
+    assert torch.equal(got[1], ref[1])  # v_seq or v_last, bit for bit
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=["-".join(c) for c in CONFIGS])
+def test_kernels_match_torch_float16(neuron, reset, detach, sg, store):
+    # Kernels load/store half and compute in float (H rounded to half before
+    # firing): the forward equals f16_reference bit for bit; the backward equals
+    # the float32 reference backward from the saved half h_seq, rounded once.
+    p = _params(neuron, reset == "hard", detach == "detach", sg, 1)
+    store = store == "store"
+    x, v, gs, gv = _inputs((5, 2, 45), torch.float16, seed=3)
+    launcher = EmuLauncher(block=32)
+    xk, vk = x.clone().requires_grad_(), v.clone().requires_grad_()
+    spike, v_out = ops._FusedMultiStep.apply(xk, vk, p, store, launcher)
+    assert spike.dtype == v_out.dtype == torch.float16
+    ref_spike, ref_v, ref_h = f16_reference(x, v, p, store)
+    assert torch.equal(spike, ref_spike) and torch.equal(v_out, ref_v)
+    (h16,) = spike.grad_fn.saved_tensors
+    assert torch.equal(h16, ref_h)
+    (spike * gs).sum().add_((v_out * (gv if store else gv[-1])).sum()).backward()
+    gx, gv0 = ref_backward(h16.float(), p, store, gs.float(), (gv if store else gv[-1]).float())
+    torch.testing.assert_close(xk.grad.float(), gx.half().float(), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(vk.grad.float(), gv0.half().float(), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5, 3), (4, 1), (3, 64), (2, 65)])
+def test_odd_shapes_and_single_step(shape):
+    p = _params("lif", True, False, "sigmoid", 1)
+    x, v, gs, gv = _inputs(shape, torch.float32, seed=5)
+    got = _run(lambda a, b: ops._FusedMultiStep.apply(a, b, p, False, EmuLauncher()), x, v, gs, gv, False)
+    ref = _run(lambda a, b: _reference.multistep(a, b, p, False), x, v, gs, gv, False)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_no_grad_forward_skips_h_seq(store, dtype):
+    p = _params("lif", False, False, "atan", 1)
+    x, v, _, _ = _inputs((6, 40), dtype, seed=1)
+    with torch.no_grad():
+        spike, v_out = ops._FusedMultiStep.apply(x, v, p, store, EmuLauncher())
+    assert spike.grad_fn is None
+    if dtype == torch.float16:
+        ref_spike, ref_v, _ = f16_reference(x, v, p, store)
+    else:
+        ref_spike, ref_v = _reference.multistep(x, v, p, store)
+    assert torch.equal(spike, ref_spike) and torch.equal(v_out, ref_v)
+
+
+def test_grad_only_to_x():
+    p = _params("lif_ndi", False, True, "rect", 1)
+    x, v, gs, _ = _inputs((4, 33), torch.float32, seed=2)
+    xk = x.clone().requires_grad_()
+    spike, _ = ops._FusedMultiStep.apply(xk, v, p, False, EmuLauncher())
+    (spike * gs).sum().backward()
+    xr = x.clone().requires_grad_()
+    (_reference.multistep(xr, v, p, False)[0] * gs).sum().backward()
+    torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+# --- bit packing ---------------------------------------------------------------------
+
+
+def torch_pack(s: torch.Tensor) -> torch.Tensor:
+    """Reference layout: element i -> byte i // 8, bit i % 8."""
+    bits = s.reshape(-1).to(torch.uint8)
+    pad = (-bits.numel()) % 8
+    bits = torch.cat([bits, bits.new_zeros(pad)]).view(-1, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000, 1027])
+@pytest.mark.parametrize("dtype", list(BIT_DTYPES))
+def test_bitpack_matches_torch_and_round_trips(dtype, numel):
+    s = (torch.rand(numel) < 0.3).to(BIT_DTYPES[dtype])
+    launcher = EmuLauncher()
+    packed, flag = bitpack._pack(s, launcher)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 7) // 8
+    assert torch.equal(packed, torch_pack(s))
+    cpu_pack = getattr(compress, "_bit_pack", None)  # the CPU path of BitSpikeCompressor
+    if cpu_pack is not None:
+        assert torch.equal(packed, cpu_pack((s != 0).reshape(-1)))
+    assert flag.dtype == torch.int32 and flag.item() == 0
+    out = bitpack._unpack(packed, numel, s.dtype, launcher)
+    assert out.dtype == s.dtype and torch.equal(out, s)
+
+
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan"), float("inf"), 1.0 + 2**-10])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_bitpack_flags_non_binary(dtype, bad):
+    s = torch.zeros(21, dtype=BIT_DTYPES[dtype])
+    s[3] = 1.0
+    s[17] = bad
+    if s[17].item() == 1.0:  # 1 + 2^-10 rounds to 1 in bfloat16
+        pytest.skip("value not representable as non-binary in this dtype")
+    _, flag = bitpack._pack(s, EmuLauncher())
+    assert flag.item() != 0
+
+
+def test_bitpack_negative_zero_is_zero_and_uint8_two_is_flagged():
+    s = torch.tensor([-0.0, 1.0, 0.0, -0.0, 1.0])
+    packed, flag = bitpack._pack(s, EmuLauncher())
+    assert flag.item() == 0 and packed.tolist() == [0b10010]
+    _, flag = bitpack._pack(torch.tensor([0, 1, 2], dtype=torch.uint8), EmuLauncher())
+    assert flag.item() != 0
+
+
+def test_bitpack_errors():
+    with pytest.raises(ValueError, match="snnkit.memopt: bit packing supports .* got torch.int32"):
+        bitpack._pack(torch.zeros(3, dtype=torch.int32), EmuLauncher())
+    with pytest.raises(ValueError, match="at least 2 bytes for 9 values"):
+        bitpack._unpack(torch.zeros(1, dtype=torch.uint8), 9, torch.float32, EmuLauncher())
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        bitpack.pack(torch.zeros(3))
