@@ -1,0 +1,183 @@
+"""Automatic memory planning: no GC vs apply_gc vs memory_optimization vs SpikingJelly's planner.
+
+Run: ``python benchmarks/planner.py [--threads 2] [--nets vgg6,vgg8,sew]``.
+
+For each net, one training step (forward, sum loss, backward) is measured with
+:class:`snnkit.memopt.MemoryTracker` (peak live tensor bytes, CPU included) and
+timed (median of ``--repeat`` steps). Rows: the plain net; ``apply_gc`` (every
+block a GC segment, compressors chosen by probing); ``memory_optimization``
+(level 4); SpikingJelly 2.0.0's ``optimize_memory`` on the same architecture
+built from SpikingJelly modules (its levels 2-4 profile on CUDA, so on CPU
+only level 1 runs). Columns: peak MiB, ratio to no GC, step-time ratio to no
+GC, planning seconds and planning time in plain steps.
+"""
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from snnkit import functional, layer, neuron
+from snnkit.memopt import MemoryTracker, apply_gc, memory_optimization
+
+T, N = 8, 4
+
+
+# ----------------------------------------------------------------------------- nets (snnkit or SpikingJelly modules)
+
+
+def _libs(lib):
+    if lib == "snnkit":
+        return layer, neuron
+    from spikingjelly.activation_based import layer as sj_layer, neuron as sj_neuron
+
+    return sj_layer, sj_neuron
+
+
+class ConvBlock(nn.Module):
+    """[MaxPool] -> Conv3x3 -> BN -> LIF, multi-step; spatially splittable into (pool+conv+bn, neuron)."""
+
+    def __init__(self, lib, c_in, c_out, pool):
+        super().__init__()
+        L, Nr = _libs(lib)
+        mods = ([nn.MaxPool2d(2)] if pool else []) + [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+        self.conv = L.SeqToANNContainer(*mods)
+        self.sn = Nr.LIFNode(tau=2.0, step_mode="m", detach_reset=True)
+
+    def forward(self, x):
+        return self.sn(self.conv(x))
+
+    def __spatial_split__(self):
+        return self.conv, self.sn
+
+
+class SEWBlock(nn.Module):
+    """SEW residual block: out = sn(bn(conv(sn(bn(conv(x)))))) + x."""
+
+    def __init__(self, lib, c):
+        super().__init__()
+        self.a = ConvBlock(lib, c, c, False)
+        self.b = ConvBlock(lib, c, c, False)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + x
+
+
+class Net(nn.Module):
+    def __init__(self, blocks, c_last, spatial):
+        super().__init__()
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_last * spatial * spatial, 10)
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.head(y.flatten(2)).mean(0)
+
+
+def vgg(lib, spec):
+    blocks, c = [], 2
+    for s in spec.split(","):
+        pool, c_out = s.startswith("p"), int(s.lstrip("p"))
+        blocks.append(ConvBlock(lib, c, c_out, pool))
+        c = c_out
+    pools = spec.count("p")
+    return Net(blocks, c, 48 >> pools)
+
+
+def sew(lib):
+    blocks = [ConvBlock(lib, 2, 32, False), SEWBlock(lib, 32), ConvBlock(lib, 32, 64, True), SEWBlock(lib, 64),
+              ConvBlock(lib, 64, 128, True), SEWBlock(lib, 128)]
+    return Net(blocks, 128, 12)
+
+
+NETS = {
+    "vgg6": ("6-block VGG 32,p64,128,p128,128,p128", lambda lib: vgg(lib, "32,p64,128,p128,128,p128"), (ConvBlock,)),
+    "vgg8": ("8-block VGG 64,p128,256,p256,512,p512,512,p512",
+             lambda lib: vgg(lib, "64,p128,256,p256,512,p512,512,p512"), (ConvBlock,)),
+    "sew": ("SEW-ResNet (3 stages, residual adds)", sew, (ConvBlock, SEWBlock)),
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def step(net, x, reset):
+    reset(net)
+    for p in net.parameters():
+        p.grad = None
+    net(x).sum().backward()
+
+
+def measure(net, x, reset, repeat):
+    step(net, x, reset)  # warm up
+    with MemoryTracker() as tracker:
+        step(net, x, reset)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        step(net, x, reset)
+        times.append(time.perf_counter() - t0)
+    return tracker.peak_bytes, statistics.median(times)
+
+
+def sj_planner(make, x):
+    try:
+        from spikingjelly.activation_based import functional as sj_functional
+        from spikingjelly.activation_based.memopt import optimize_memory
+    except Exception as e:  # optional peer
+        return None, f"absent ({type(e).__name__})"
+    net = make("spikingjelly")
+    t0 = time.perf_counter()
+    try:
+        optimize_memory(net, (ConvBlock,), lambda m: m(x), level=1)
+    except Exception as e:
+        return None, f"failed: {e}"
+    return (net, time.perf_counter() - t0, sj_functional.reset_net), "level 1 (levels 2-4 need CUDA)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--nets", default="vgg6,vgg8,sew")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    mib = 2.0**20
+    print(f"one training step, [T={T}, N={N}, 2, 48, 48] Poisson event counts, float32, CPU, {args.threads} threads")
+    for key in args.nets.split(","):
+        title, make, types = NETS[key]
+        torch.manual_seed(0)
+        x = torch.poisson(torch.full((T, N, 2, 48, 48), 0.3))
+        plain = make("snnkit")
+        peak0, t0 = measure(plain, x, functional.reset_net, args.repeat)
+        rows = [("no GC", peak0, t0, None, "")]
+        functional.reset_net(plain)
+        net = apply_gc(copy.deepcopy(plain), types, dummy_input=x)
+        rows.append(("apply_gc", *measure(net, x, functional.reset_net, args.repeat), None, ""))
+        net = copy.deepcopy(plain)
+        tp = time.perf_counter()
+        net, summary = memory_optimization(net, types, x, return_summary=True)
+        tp = time.perf_counter() - tp
+        rows.append(("memory_optimization", *measure(net, x, functional.reset_net, args.repeat), tp, ""))
+        sj, note = sj_planner(make, x)
+        if sj is not None:
+            sj_net, sj_time, sj_reset = sj
+            rows.append(("SpikingJelly optimize_memory", *measure(sj_net, x, sj_reset, args.repeat), sj_time, note))
+        else:
+            rows.append(("SpikingJelly optimize_memory", None, None, None, note))
+        print(f"\n{title}")
+        print(f"{'variant':<30} {'peak MiB':>9} {'x less':>7} {'step x':>7} {'plan s':>7} {'plan/steps':>10}  note")
+        for name, peak, t, plan, note in rows:
+            if peak is None:
+                print(f"{name:<30} {'-':>9} {'-':>7} {'-':>7} {'-':>7} {'-':>10}  {note}")
+                continue
+            plan_s = f"{plan:7.2f}" if plan is not None else f"{'-':>7}"
+            plan_r = f"{plan / t0:10.2f}" if plan is not None else f"{'-':>10}"
+            print(f"{name:<30} {peak / mib:9.1f} {peak0 / peak:7.2f} {t / t0:7.2f} {plan_s} {plan_r}  {note}")
+        print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""apply_gc / unwrap_gc and memory_optimization: structure, compressor choice, exact gradients, summary."""
+import copy
+import logging
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from snnkit import base, functional, layer, neuron
+from snnkit.memopt import (
+    BitSpikeCompressor,
+    GCContainer,
+    MemoryTracker,
+    NullSpikeCompressor,
+    TCGCContainer,
+    Uint8SpikeCompressor,
+    apply_gc,
+    memory_optimization,
+    unwrap_gc,
+)
+from snnkit.memopt import pipeline
+
+T, N = 4, 2
+
+
+class Block(nn.Sequential):
+    """Linear -> IF, multi-step."""
+
+    def __init__(self, i, o, bn=False):
+        mods = [layer.Linear(i, o, step_mode="m")]
+        if bn:
+            mods.append(layer.BatchNorm1d(o, step_mode="m"))
+        super().__init__(*mods, neuron.IFNode(step_mode="m", v_threshold=0.5))
+
+
+class ConvBlock(nn.Module):
+    """Conv -> BN -> LIF with a __spatial_split__ returning (conv+bn, neuron)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.conv = layer.SeqToANNContainer(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o))
+        self.sn = neuron.LIFNode(step_mode="m", v_threshold=0.5)
+
+    def forward(self, x):
+        return self.sn(self.conv(x))
+
+    def __spatial_split__(self):
+        return self.conv, self.sn
+
+
+class Residual(nn.Module):
+    """SEW-style: out = block(x) + x."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.body = Block(d, d)
+
+    def forward(self, x):
+        return self.body(x) + x
+
+
+class Nested(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.stem = Block(6, d)
+        self.stages = nn.ModuleList([nn.Sequential(Block(d, d), Residual(d)), Residual(d)])
+        self.head = layer.Linear(d, 3, step_mode="m")
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def _grads(net, x, dtype=torch.float64):
+    net = net.to(dtype)
+    functional.reset_net(net)
+    x = x.to(dtype).requires_grad_()
+    out = net(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+    grads = [p.grad.clone() for p in net.parameters()] + [x.grad]
+    mem = [m.clone() if torch.is_tensor(m) else m for m in base.extract_memories(net)]
+    net.zero_grad(set_to_none=True)
+    return out.detach(), grads, mem
+
+
+def _assert_same(a, b):
+    out_a, g_a, m_a = a
+    out_b, g_b, m_b = b
+    assert torch.equal(out_a, out_b)
+    assert len(g_a) == len(g_b)
+    for x, y in zip(g_a, g_b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    for x, y in zip(m_a, m_b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+def _containers(net):
+    return [m for m in net.modules() if isinstance(m, GCContainer)]
+
+
+# ----------------------------------------------------------------------------- apply_gc / unwrap_gc
+
+
+def test_wrap_and_unwrap_nested_and_residual():
+    net = Nested()
+    blocks = [m for m in net.modules() if isinstance(m, Block)]
+    x = torch.rand(T, N, 6)
+    ref = _grads(copy.deepcopy(net), x)
+    assert apply_gc(net, Block, dummy_input=x) is net
+    wrapped = _containers(net)
+    assert len(wrapped) == len(blocks) == 4
+    assert {id(c[0]) for c in wrapped} == {id(b) for b in blocks}
+    _assert_same(_grads(net, x), ref)
+    # no double wrapping: everything is wrapped already
+    with pytest.warns(UserWarning, match="found no unwrapped submodule of type Block"):
+        apply_gc(net, Block, dummy_input=x)
+    assert len(_containers(net)) == 4
+    assert all(not isinstance(c[0], GCContainer) for c in _containers(net))
+    unwrap_gc(net)
+    assert _containers(net) == []
+    assert net.stem is blocks[0] and net.stages[0][0] is blocks[1] and net.stages[1].body is blocks[3]
+
+
+def test_wrap_a_residual_block_as_a_whole():
+    net = nn.Sequential(Block(5, 5), Residual(5), Residual(5))
+    x = torch.rand(T, N, 5)
+    ref = _grads(copy.deepcopy(net), x)
+    apply_gc(net, (Residual, Block), dummy_input=x)
+    assert [type(m[0]).__name__ for m in net] == ["Block", "Residual", "Residual"]
+    assert len(_containers(net)) == 3  # the Block inside a Residual is not wrapped again
+    _assert_same(_grads(net, x), ref)
+
+
+def test_handmade_container_is_left_alone():
+    mine = GCContainer(None, Block(4, 4))
+    net = nn.Sequential(mine, Block(4, 4))
+    apply_gc(net, Block, compress=None)
+    unwrap_gc(net)
+    assert net[0] is mine and isinstance(net[1], Block)
+
+
+def test_auto_compressor_binary_vs_float_and_overrides():
+    first, second, third, fourth = Block(4, 6), Block(6, 6), Block(6, 6), Block(6, 6)
+    third.x_compressor = "Uint8SpikeCompressor"
+    own = NullSpikeCompressor()
+    fourth.x_compressor = own
+    net = nn.Sequential(first, second, third, fourth)
+    apply_gc(net, Block, dummy_input=torch.rand(T, N, 4))  # float input to the first block
+    comps = [type(c.x_compressor) for c in net]
+    assert comps == [NullSpikeCompressor, BitSpikeCompressor, Uint8SpikeCompressor, NullSpikeCompressor]
+    assert net[3].x_compressor is own
+    unwrap_gc(net)
+    apply_gc(net, Block, dummy_input=(torch.rand(T, N, 4) > 0.5).float())  # binary input
+    assert type(net[0].x_compressor) is BitSpikeCompressor
+
+
+def test_compress_policies():
+    make = lambda: nn.Sequential(Block(4, 4), Block(4, 4))  # noqa: E731
+    assert all(isinstance(c.x_compressor, BitSpikeCompressor) for c in apply_gc(make(), Block, compress="bit"))
+    assert all(type(c.x_compressor) is NullSpikeCompressor for c in apply_gc(make(), Block, compress=None))
+    given = Uint8SpikeCompressor()
+    net = apply_gc(make(), Block, compress=given)
+    assert all(type(c.x_compressor) is Uint8SpikeCompressor and c.x_compressor is not given for c in net)
+
+
+def test_no_dummy_input_falls_back_to_null_and_logs(caplog):
+    with caplog.at_level(logging.INFO, logger="snnkit.memopt.pipeline"):
+        net = apply_gc(nn.Sequential(Block(4, 4), Block(4, 4)), Block)
+    assert all(type(c.x_compressor) is NullSpikeCompressor for c in net)
+    assert "no dummy_input" in caplog.text
+
+
+def test_probing_leaves_the_state_alone():
+    net = nn.Sequential(Block(4, 6, bn=True), Block(6, 6, bn=True), layer.Dropout(0.3, step_mode="m"))
+    net(torch.rand(T, N, 4))  # a non-reset state, moved BN statistics, a dropout mask
+    state = copy.deepcopy(net.state_dict())
+    mem = base.extract_memories(net)
+    dummy = torch.rand(T, N, 4)
+    rng = torch.get_rng_state()
+    apply_gc(net, Block, dummy_input=dummy)
+    assert torch.equal(torch.get_rng_state(), rng)
+    unwrap_gc(net)
+    after = net.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert all(a is b for a, b in zip(mem, base.extract_memories(net)))
+
+
+def test_bad_input():
+    net = nn.Sequential(Block(4, 4), Block(4, 4))
+    before = copy.deepcopy(net.state_dict())
+    with pytest.warns(UserWarning, match="found no unwrapped submodule of type ConvBlock"):
+        assert apply_gc(net, ConvBlock, dummy_input=torch.rand(T, N, 4)) is net
+    assert _containers(net) == [] and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match=r"snnkit.memopt: Sequential failed on dummy_input of shape \[4, 2, 7\]"):
+        apply_gc(net, Block, dummy_input=torch.rand(T, N, 7))
+    assert _containers(net) == []
+    with pytest.raises(ValueError, match="compress must be 'auto', 'bit', None"):
+        apply_gc(net, Block, compress="zip")
+    with pytest.raises(TypeError, match="block_types must be an nn.Module subclass"):
+        apply_gc(net, "Block")
+    with pytest.raises(ValueError, match="root module Block is itself one of block_types"):
+        apply_gc(Block(4, 4), Block)
+    bad = Block(4, 4)
+    bad.x_compressor = "GzipCompressor"
+    with pytest.raises(ValueError, match="x_compressor must be a BaseSpikeCompressor instance or the name"):
+        apply_gc(nn.Sequential(bad), Block)
+    with pytest.raises(ValueError, match=r"snnkit.memopt: Sequential failed on dummy_input of shape \[4, 2, 9\]"):
+        memory_optimization(net, Block, torch.rand(T, N, 9))
+    assert _containers(net) == []
+    with pytest.raises(ValueError, match="level must be 0, 1, 2, 3 or 4"):
+        memory_optimization(net, Block, torch.rand(T, N, 4), level=5)
+
+
+# ----------------------------------------------------------------------------- split kinds keep gradients exact
+
+
+def _vgg(channels=(4, 6), size=6):
+    mods, c = [], 2
+    for o in channels:
+        mods.append(ConvBlock(c, o))
+        c = o
+    mods += [layer.Flatten(step_mode="m"), layer.Linear(c * size * size, 3, step_mode="m")]
+    return nn.Sequential(*mods)
+
+
+def test_spatial_split_is_exact_and_unwraps():
+    net = _vgg()
+    x = (torch.rand(T, N, 2, 6, 6) > 0.6).double()
+    ref = _grads(copy.deepcopy(net), x)
+    block = net[1]
+    parts = [pipeline._wrap(p, c) for p, c in zip(block.__spatial_split__(), [BitSpikeCompressor(), None])]
+    net[1] = pipeline._SpatialSplit(block, parts)
+    apply_gc(net, ConvBlock, compress="bit")
+    _assert_same(_grads(net, x), ref)
+    unwrap_gc(net)
+    assert net[1] is block and _containers(net) == []
+
+
+@pytest.mark.parametrize("n_chunk", [2, 3, T])
+def test_temporal_split_is_exact_without_batchnorm(n_chunk):
+    net = nn.Sequential(Block(5, 7), Block(7, 7), layer.Linear(7, 2, step_mode="m"))
+    x = (torch.rand(T, N, 5) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    net[1] = pipeline._wrap(net[1], BitSpikeCompressor(), n_chunk=n_chunk)
+    assert isinstance(net[1], TCGCContainer) and net[1].n_chunk == n_chunk
+    _assert_same(_grads(net, x), ref)
+    unwrap_gc(net)
+    assert isinstance(net[1], Block)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_planned_net_trains_to_the_same_gradients(level):
+    net = nn.Sequential(Block(12, 32), Block(32, 32), Block(32, 16), Residual(16), layer.Linear(16, 2, step_mode="m"))
+    x = (torch.rand(T, N, 12) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    net = net.double()
+    memory_optimization(net, (Block, Residual), x, level=level)
+    _assert_same(_grads(net, x), ref)
+    unwrap_gc(net)
+    assert _containers(net) == []
+    _assert_same(_grads(net, x), ref)
+
+
+def test_planner_with_batchnorm_and_temporal_off_is_exact():
+    net = _vgg((4, 6, 6))
+    x = (torch.rand(T, N, 2, 6, 6) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    net = net.double()
+    memory_optimization(net, ConvBlock, x, temporal=False)
+    assert not any(isinstance(m, TCGCContainer) for m in net.modules())
+    _assert_same(_grads(net, x), ref)
+
+
+# ----------------------------------------------------------------------------- planner measurements and summary
+
+
+def test_cut_step_measures_known_sizes():
+    # one Linear (no bias) -> IF block: sizes follow from the shapes
+    block = nn.Sequential(layer.Linear(16, 32, bias=False, step_mode="m"), neuron.IFNode(step_mode="m"))
+    net = nn.Sequential(block)
+    x = torch.rand(T, N, 16)
+    blocks = [pipeline._Block(s) for s in pipeline._find_blocks(net, nn.Sequential)]
+    for b in blocks:
+        b.site.put(pipeline._wrap(b.block, NullSpikeCompressor()))
+    with pipeline._StateGuard(net):
+        pipeline._cut_step(net, blocks, (x,), None)
+    b = blocks[0]
+    assert b.calls == 1 and b.in_bytes == T * N * 16 * 4 and b.out_bytes == T * N * 32 * 4
+    # plain keeps the Linear input and the IF neuron's h_seq (one float per output element)
+    assert b.plain_saved == T * N * 16 * 4 + T * N * 32 * 4
+    # the no-grad forward makes at least the Linear output and the spikes
+    assert b.fwd_gc >= 2 * T * N * 32 * 4
+    unwrap_gc(net)
+    assert net[0] is block
+
+
+def test_tracker_agrees_with_the_planner_verification():
+    net = _vgg((4, 8))
+    x = (torch.rand(T, N, 2, 6, 6) > 0.5).float()
+    net, summary = memory_optimization(net, ConvBlock, x, return_summary=True)
+    with MemoryTracker() as tracker:
+        net(x).sum().backward()
+    assert summary.verified and summary.peak_after == tracker.peak_bytes
+
+
+def test_summary_contents_and_state_untouched():
+    net = _vgg((4, 8, 8))
+    net(torch.rand(T, N, 2, 6, 6))
+    state = copy.deepcopy(net.state_dict())
+    mem = base.extract_memories(net)
+    x = (torch.rand(T, N, 2, 6, 6) > 0.5).float()
+    net, s = memory_optimization(net, ConvBlock, x, return_summary=True)
+    assert [r["path"] for r in s.rows] == ["0", "1", "2"]
+    assert all(r["type"] == "ConvBlock" for r in s.rows)
+    assert {r["action"] for r in s.rows} <= {"gc", "spatial", "temporal", "unwrapped"}
+    for r in s.rows:
+        module = net[int(r["path"])]
+        if r["action"] == "unwrapped":
+            assert isinstance(module, ConvBlock) and r["compressor"] == "-" and r["recompute_s"] == 0
+        elif r["action"] == "temporal":
+            assert isinstance(module, TCGCContainer) and module.n_chunk == r["parts"]
+        elif r["action"] == "spatial":
+            assert isinstance(module, pipeline._SpatialSplit) and len(module) == r["parts"] == 2
+        else:
+            assert type(module) is GCContainer and type(module.x_compressor).__name__ == r["compressor"]
+    assert s.rows[0]["action"] == "unwrapped" or "BitSpikeCompressor" in s.rows[0]["compressor"]
+    assert s.wrapped + s.unwrapped == ["0", "1", "2"] or sorted(s.wrapped + s.unwrapped) == ["0", "1", "2"]
+    assert s.peak_before > 0 and s.peak_after > 0 and s.est_slowdown >= 1.0 and s.level == 4
+    text = str(s)
+    assert "peak before" in text and "estimated slowdown" in text and "ConvBlock" in text
+    after = unwrap_gc(net).state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert all(a is b for a, b in zip(mem, base.extract_memories(net)))
+
+
+def test_level_zero_and_nothing_to_plan():
+    net = nn.Sequential(Block(4, 4))
+    x = torch.rand(T, N, 4)
+    assert memory_optimization(net, Block, x, level=0) is net and _containers(net) == []
+    with pytest.warns(UserWarning, match="found no unwrapped submodule"):
+        out, s = memory_optimization(net, ConvBlock, x, return_summary=True)
+    assert out is net and s.rows == [] and _containers(net) == []
+
+
+def test_progress_fallback_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    net = nn.Sequential(Block(4, 8), Block(8, 8))
+    memory_optimization(net, Block, (torch.rand(T, N, 4) > 0.5).float(), progress=True)
+    err = capsys.readouterr().err
+    assert "memory_optimization [1/" in err and "verify" in err
