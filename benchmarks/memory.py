@@ -1,0 +1,220 @@
+"""Memory of one training step of a small spiking VGG: no GC vs checkpointing variants.
+
+Blocks ``32,p64,128,p128,128,p128`` (``p``: MaxPool before the block), each
+Conv3x3-BN-LIF, multi-step, input ``[T=8, N=4, 2, 48, 48]`` binary events.
+Variants, side by side in one run:
+
+* no GC (snnkit layers and neurons);
+* ``torch.utils.checkpoint`` (non-reentrant) per block, state reloaded in the recompute;
+* SpikingJelly's memopt per block with its bit compressor (if SpikingJelly is
+  installed; its ratios are against its own no-GC run of the same weights);
+* snnkit ``GCContainer`` + ``BitSpikeCompressor`` per block.
+
+Columns: peak live tensor bytes of the step (:class:`snnkit.memopt.MemoryTracker`),
+bytes still alive after the forward (what the graph and the state retain),
+their ratio to no GC, the step-time ratio to no GC (best of round-robin repeats,
+without the tracker), and whether all gradients equal the no-GC run.
+
+Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2]``.
+"""
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from snnkit import base, layer, neuron
+from snnkit.memopt import BitSpikeCompressor, GCContainer, MemoryTracker
+
+CFG = ["32", "p64", "128", "p128", "128", "p128"]
+T, N, C, H = 8, 4, 2, 48
+MiB = 2**20
+
+
+def snnkit_blocks():
+    blocks, ci = [], C
+    for item in CFG:
+        mods = []
+        if item.startswith("p"):
+            mods.append(layer.MaxPool2d(2, 2, step_mode="m"))
+        co = int(item.lstrip("p"))
+        mods += [
+            layer.Conv2d(ci, co, 3, padding=1, bias=False, step_mode="m"),
+            layer.BatchNorm2d(co, step_mode="m"),
+            neuron.LIFNode(tau=2.0, step_mode="m"),
+        ]
+        blocks.append(nn.Sequential(*mods))
+        ci = co
+    return blocks
+
+
+def head(ci):
+    side = H // 2 ** sum(item.startswith("p") for item in CFG)
+    return nn.Sequential(layer.Flatten(step_mode="m"), layer.Linear(ci * side * side, 10, step_mode="m"))
+
+
+class VGG(nn.Module):
+    def __init__(self, blocks, classifier):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = classifier
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.classifier(x)
+
+
+class TorchCheckpoint(nn.Module):
+    """``torch.utils.checkpoint`` around a stateful block: the recompute reloads the start state."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        start = base.extract_memories(self.block)
+
+        def run(x):
+            base.load_memories(self.block, start)
+            return self.block(x)
+
+        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
+def build_variants():
+    torch.manual_seed(0)
+    blocks, classifier = snnkit_blocks(), head(int(CFG[-1].lstrip("p")))
+    plain = VGG(blocks, classifier)
+    variants = {
+        "no GC": (plain, None),
+        "torch.utils.checkpoint": (VGG([TorchCheckpoint(b) for b in copy.deepcopy(blocks)], copy.deepcopy(classifier)), "no GC"),
+        "snnkit GC + bit": (
+            VGG([GCContainer(BitSpikeCompressor(), *copy.deepcopy(list(b))) for b in blocks], copy.deepcopy(classifier)),
+            "no GC",
+        ),
+    }
+    try:
+        variants.update(spikingjelly_variants(plain))
+    except ImportError:
+        print("SpikingJelly not installed: its rows are skipped")
+    return variants
+
+
+def spikingjelly_variants(plain):
+    from spikingjelly.activation_based import layer as sj_layer
+    from spikingjelly.activation_based import memopt as sj_memopt
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    blocks = []
+    for block in plain.blocks:
+        mods = []
+        for m in block:
+            if isinstance(m, layer.MaxPool2d):
+                mods.append(sj_layer.MaxPool2d(2, 2, step_mode="m"))
+            elif isinstance(m, layer.Conv2d):
+                c = sj_layer.Conv2d(m.in_channels, m.out_channels, 3, padding=1, bias=False, step_mode="m")
+                c.weight.data.copy_(m.weight.data)
+                mods.append(c)
+            elif isinstance(m, layer.BatchNorm2d):
+                mods.append(sj_layer.BatchNorm2d(m.num_features, step_mode="m"))
+            else:
+                mods.append(sj_neuron.LIFNode(tau=2.0, step_mode="m"))
+        blocks.append(nn.Sequential(*mods))
+    sj_plain = VGG(blocks, copy.deepcopy(plain.classifier))
+    sj_gc = VGG(
+        [sj_memopt.checkpoint_module(copy.deepcopy(b), compressor=sj_memopt.BitSpikeCompressor()) for b in blocks],
+        copy.deepcopy(plain.classifier),
+    )
+    return {"SpikingJelly no GC": (sj_plain, None), "SpikingJelly memopt + bit": (sj_gc, "SpikingJelly no GC")}
+
+
+def saved_bytes_ratio():
+    """Bytes saved for backward by a 4-layer spiking MLP (T=8, N=16, width 256): GC + bit / plain."""
+    x = (torch.rand(8, 16, 256, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    totals = []
+    for gc in (False, True):
+        blocks = []
+        for _ in range(4):
+            mods = [layer.Linear(256, 256, step_mode="m"), neuron.LIFNode(v_threshold=0.3, step_mode="m")]
+            blocks.append(GCContainer(BitSpikeCompressor(), *mods) if gc else nn.Sequential(*mods))
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            nn.Sequential(*blocks)(x)
+        totals.append(sum(storages.values()))
+    return totals
+
+
+def reset(net):
+    for m in net.modules():
+        if hasattr(m, "reset") and m is not net:
+            m.reset()
+
+
+def step(net, x, y, tracker=None):
+    net.zero_grad(set_to_none=True)
+    out = net(x)
+    retained = tracker.current_bytes if tracker is not None else 0
+    F.cross_entropy(out.mean(0), y).backward()
+    del out
+    reset(net)
+    return retained
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(T, N, C, H, H, generator=gen) < 0.15).float()  # Poisson-like events
+    y = torch.randint(0, 10, (N,), generator=gen)
+    variants = build_variants()
+    rows, grads, times = {}, {}, {name: [] for name in variants}
+    for name, (net, ref) in variants.items():
+        net.train()
+        step(net, x, y)  # warm-up
+        with MemoryTracker() as mt:
+            retained = step(net, x, y, mt)
+        grads[name] = [p.grad.clone() for p in net.parameters()]
+        rows[name] = (mt.peak_bytes, retained)
+    # Timing without the tracker, round robin over the variants, best of the repeats
+    # (robust to other load on the machine).
+    for _ in range(opts.repeat):
+        for name, (net, ref) in variants.items():
+            t0 = time.perf_counter()
+            step(net, x, y)
+            times[name].append(time.perf_counter() - t0)
+    times = {name: min(ts) for name, ts in times.items()}
+    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={N}, {C}, {H}, {H}], {torch.get_num_threads()} threads")
+    print(f"{'variant':28s} {'peak MiB':>9s} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio':>11s} {'step s':>7s}  grads equal")
+    for name, (net, ref) in variants.items():
+        peak, retained = rows[name]
+        base_name = ref or name
+        ratio = rows[base_name][0] / peak
+        slow = times[name] / times[base_name]
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[name], grads[base_name]))
+        exact = all(torch.equal(a, b) for a, b in zip(grads[name], grads[base_name]))
+        print(
+            f"{name:28s} {peak / MiB:9.1f} {retained / MiB:14.2f} {ratio:10.2f}x {slow:10.2f}x {times[name]:7.3f}  "
+            f"{'exact' if exact else 'close' if same else 'NO'}"
+        )
+    plain_saved, gc_saved = saved_bytes_ratio()
+    print(
+        f"saved for backward, 4-layer spiking MLP (T=8, N=16, width 256): plain {plain_saved / MiB:.2f} MiB, "
+        f"snnkit GC + bit {gc_saved / MiB:.4f} MiB, ratio 1/{plain_saved / gc_saved:.0f} (target <= 1/8)"
+    )
+
+
+if __name__ == "__main__":
+    main()

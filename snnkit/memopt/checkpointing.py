@@ -1,0 +1,646 @@
+"""Exact gradient checkpointing (GC) of stateful segments, with a compressed input.
+
+A GC segment runs its forward once without building a graph, keeps only its
+input ``x_seq`` (compressed by a :mod:`~snnkit.memopt.compress` compressor),
+its other tensor arguments, the states it started from and the RNG/autocast
+context, and recomputes the forward with a graph when backward reaches it.
+
+NOTE [ Invariants of a GC segment ]
+    1. Exactness: outputs, final states and all gradients equal those of the
+       plain (uncheckpointed) run: the recompute replays the CPU RNG state, the
+       CUDA RNG states of the devices of the argument tensors (no other device is
+       touched, so no CUDA context is created by accident), and the autocast
+       state of the first forward.
+    2. State is explicit: with stateful modules inside, the memories (taken with
+       :func:`snnkit.base.extract_memories`) enter the checkpointed function as
+       inputs and leave it as outputs. Gradients therefore flow through the
+       state across calls (``"s"`` mode over ``T`` calls, consecutive ``"m"``
+       calls, time chunks, truncated BPTT). Memories that are not tensors yet
+       (floats before the first step, ``None`` dropout masks) are constants.
+       An unchanged tensor state that needs no gradient stays non-differentiable;
+       a tensor state first created inside a segment (a dropout mask drawn there)
+       is an output of the segment and so carries a ``grad_fn`` (values and
+       gradients are unaffected). Plain attributes such as ``v_seq``
+       (``store_v_seq=True``) are not memories: the recompute sets them again,
+       to equal values.
+    3. Live state is untouched by backward: the recompute loads the saved
+       states, and afterwards every module gets back the memories it had when
+       backward started (those of the latest forward).
+    4. Side effects happen once: the first forward runs inside
+       :func:`snnkit._context.gc_1st_forward`, so :func:`in_gc_1st_forward` is
+       True there and False in the recompute. :class:`snnkit.layer.BatchNorm1d`
+       and ``BatchNorm2d`` skip the running-statistics update in the first forward
+       (normalising with the batch statistics, as in training) and update
+       ``running_mean``, ``running_var`` and ``num_batches_tracked`` in the
+       recompute, exactly once per training step. A step whose backward never
+       runs therefore leaves the statistics unchanged. (``torch.nn.BatchNorm``
+       modules would update twice; use the snnkit layers inside GC segments.)
+    5. The caller's tensors are never modified (no ``requires_grad_`` on inputs).
+       The parameters of the modules of a segment are explicit inputs of the
+       checkpointed function, so it works without any input requiring grad.
+
+Implementation and distributed training:
+    The segment is a custom :class:`torch.autograd.Function` whose backward
+    recomputes the forward and runs a nested ("reentrant") autograd pass over the
+    recomputed graph. For modules (:class:`GCContainer`, or a module/bound method
+    given to :func:`input_compressed_gc`) the nested pass is
+    :func:`torch.autograd.grad` with the parameters among its inputs: no
+    gradient is accumulated into ``.grad`` inside backward, the parameter
+    gradients come out of the segment's backward like any other, so
+    ``torch.autograd.grad`` works on a GC network and DDP's per-parameter hooks
+    fire from the outer pass, once per use, as in a plain network. Plain
+    functions (closures over parameters) fall back to ``torch.autograd.backward``
+    inside backward, which accumulates into the leaves directly (the behaviour of
+    ``torch.utils.checkpoint(use_reentrant=True)``). The alternative, saved-tensor
+    hooks (non-reentrant checkpointing), cannot carry the state outputs and the
+    compressed input as cleanly; it remains an option if DDP's static-graph mode
+    needs it.
+
+Memory of the recompute:
+    The decompressed input is not kept by the recomputed graph: tensors that the
+    recompute saves and that share its storage are saved as a reference to the
+    compressed payload and decompressed again when needed (unless modified in
+    place). The recomputed outputs are released before the nested backward starts.
+
+Example:
+    >>> import torch
+    >>> from snnkit import layer, neuron
+    >>> from snnkit.memopt import GCContainer, BitSpikeCompressor
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> block = GCContainer(BitSpikeCompressor(), layer.Linear(4, 3, step_mode="m"), neuron.LIFNode(step_mode="m"))
+    >>> x_seq = (torch.rand(6, 2, 4) > 0.5).float()
+    >>> block(x_seq).sum().backward()
+    >>> block[0].weight.grad.shape
+    torch.Size([3, 4])
+"""
+import contextlib
+import warnings
+import weakref
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import base
+from .._context import gc_1st_forward, in_gc_1st_forward
+from .compress import BaseSpikeCompressor, CompressedSpikes, NullSpikeCompressor
+
+__all__ = [
+    "in_gc_1st_forward",
+    "query_autocast",
+    "input_compressed_gc",
+    "to_gc_function",
+    "GCContainer",
+    "TCGCContainer",
+]
+
+_Tensor = torch.Tensor
+
+
+def query_autocast() -> Tuple[str, torch.dtype, bool]:
+    """Return the current autocast setting as ``(device_type, dtype, enabled)``.
+
+    When autocast is off this is ``("cpu", torch.get_autocast_dtype("cpu"), False)``.
+
+    Example:
+        >>> import torch
+        >>> from snnkit.memopt import query_autocast
+        >>> query_autocast()
+        ('cpu', torch.bfloat16, False)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     query_autocast()
+        ('cpu', torch.bfloat16, True)
+    """
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            return device_type, torch.get_autocast_dtype(device_type), True
+    return "cpu", torch.get_autocast_dtype("cpu"), False
+
+
+def _as_compressor(x_compressor) -> BaseSpikeCompressor:
+    if x_compressor is None:
+        return NullSpikeCompressor()
+    if isinstance(x_compressor, type) and issubclass(x_compressor, BaseSpikeCompressor):
+        return x_compressor()
+    if not isinstance(x_compressor, BaseSpikeCompressor):
+        raise TypeError(
+            f"snnkit.memopt: x_compressor must be a BaseSpikeCompressor instance or None, got "
+            f"{type(x_compressor).__name__}; use e.g. BitSpikeCompressor()"
+        )
+    return x_compressor
+
+
+# ---------------------------------------------------------------------------------------------
+# Context capture and replay (see Invariant 1)
+# ---------------------------------------------------------------------------------------------
+class _Context:
+    """RNG and autocast state of a first forward, replayed by the recompute."""
+
+    __slots__ = ("cpu_rng", "cuda_devices", "cuda_rng", "autocast")
+
+    def __init__(self, tensors):
+        self.cpu_rng = torch.get_rng_state()
+        # Only the CUDA devices of the argument tensors, as torch.utils.checkpoint does.
+        self.cuda_devices = sorted({t.get_device() for t in tensors if t.is_cuda})
+        self.cuda_rng = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+        types = {"cpu"} | {t.device.type for t in tensors}
+        cache = torch.is_autocast_cache_enabled()
+        self.autocast = [
+            (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt), cache)
+            for dt in sorted(types)
+            if dt == "cpu" or torch.amp.is_autocast_available(dt)
+        ]
+
+    @contextlib.contextmanager
+    def replay(self):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self.cuda_devices))
+            torch.set_rng_state(self.cpu_rng)
+            for d, state in zip(self.cuda_devices, self.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            for dt, enabled, dtype, cache in self.autocast:
+                stack.enter_context(torch.autocast(dt, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            stack.enter_context(torch.enable_grad())
+            yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening of arguments, states and outputs
+# ---------------------------------------------------------------------------------------------
+_SLOT = object()  # where a tensor goes in a template
+
+
+def _split(values) -> Tuple[list, list]:
+    """``(template, tensors)``: the template has ``_SLOT`` where a tensor was."""
+    template, tensors = [], []
+    for v in values:
+        if isinstance(v, _Tensor):
+            template.append(_SLOT)
+            tensors.append(v)
+        else:
+            template.append(v)
+    return template, tensors
+
+
+def _merge(template, tensors) -> list:
+    it = iter(tensors)
+    return [next(it) if v is _SLOT else v for v in template]
+
+
+class _Segment:
+    """Everything about one checkpointed call that is not a saved tensor."""
+
+    __slots__ = (
+        "fn",
+        "fn_boxed",
+        "compressor",
+        "module",
+        "stateful",
+        "params",
+        "arg_template",
+        "state_template",
+        "n_in",
+        "out_template",
+        "out_is_tensor",
+        "state_out_template",
+        "context",
+        "x_shape",
+        "c_dtype",
+        "c_single",
+        "c_n",
+        "c_has_flag",
+    )
+
+    def __init__(self, fn, compressor, module, stateful, fn_boxed=None):
+        self.fn, self.compressor, self.module, self.stateful = fn, compressor, module, stateful
+        # fn_boxed(box, *args) takes its input from box.pop(), so that the recompute
+        # does not keep the decompressed input alive after the first module used it.
+        self.fn_boxed = fn_boxed
+
+
+class _GCFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, seg: _Segment, x: _Tensor, *tensors):
+        n_args, n_states, n_params, _ = seg.n_in
+        arg_tensors = tensors[:n_args]
+        state_tensors = tensors[n_args : n_args + n_states]
+        seg.context = _Context((x, *arg_tensors, *state_tensors))
+        # Compress before running: an in-place first module must not change what is replayed.
+        c = seg.compressor.compress(x)
+        args = _merge(seg.arg_template, arg_tensors)
+        with gc_1st_forward():
+            if seg.stateful:
+                base.load_memories(seg.module, _merge(seg.state_template, state_tensors))
+            out = seg.fn(x, *args)
+        seg.out_is_tensor = isinstance(out, _Tensor)
+        seg.out_template, out_tensors = _split([out] if seg.out_is_tensor else out)
+        state_out_tensors = []
+        if seg.stateful:
+            seg.state_out_template, state_out_tensors = _split(base.extract_memories(seg.module))
+            # An unchanged state that needs no grad stays non-differentiable (e.g. a dropout mask).
+            constant = [s for s in state_out_tensors if any(s is t and not t.requires_grad for t in state_tensors)]
+            if constant:
+                ctx.mark_non_differentiable(*constant)
+        seg.x_shape = x.shape
+        seg.c_dtype, seg.c_single, seg.c_n = c.dtype, c._single, len(c.payload)
+        seg.c_has_flag = c.flag is not None
+        extra = (c.flag,) if c.flag is not None else ()
+        ctx.save_for_backward(*arg_tensors, *state_tensors, *c.payload, *extra)
+        ctx.seg = seg
+        ctx.set_materialize_grads(False)
+        return (*out_tensors, *state_out_tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        seg: _Segment = ctx.seg
+        n_args, n_states, n_params, n_dummy = seg.n_in
+        saved = ctx.saved_tensors
+        arg_tensors = saved[:n_args]
+        state_tensors = saved[n_args : n_args + n_states]
+        payload = saved[n_args + n_states : n_args + n_states + seg.c_n]
+        c = CompressedSpikes(payload[0] if seg.c_single else tuple(payload), seg.c_dtype, seg.x_shape)
+        if seg.c_has_flag:
+            c.flag = saved[-1]
+        seg.compressor.validate(c)  # raises ValueError on invalid input (one host sync)
+        needs = ctx.needs_input_grad
+        x_needs = needs[1]
+        arg_leaves = [t.detach().requires_grad_(needs[2 + i]) for i, t in enumerate(arg_tensors)]
+        state_leaves = [t.detach().requires_grad_(needs[2 + n_args + i]) for i, t in enumerate(state_tensors)]
+        params = seg.params
+
+        live = base.extract_memories(seg.module) if seg.module is not None else None
+        box: List[_Tensor] = []
+        try:
+            with seg.context.replay():
+                root, anchor = _recompute(seg, c, x_needs, arg_leaves, state_leaves, grads, box)
+            if root is None:
+                grads_in = [None] * (n_args + n_states + n_params)
+            elif seg.module is not None:
+                leaves = (*arg_leaves, *state_leaves)
+                inputs = [t for t in (anchor, *leaves, *params) if t is not None and t.requires_grad]
+                got = iter(torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ())
+                if anchor is not None:
+                    next(got)
+                grads_in = [next(got) if t.requires_grad else None for t in leaves] + list(got)
+            else:
+                torch.autograd.backward(root)
+                grads_in = [t.grad for t in (*arg_leaves, *state_leaves)]
+        finally:
+            if live is not None:
+                base.load_memories(seg.module, live)
+        grad_x = box[0] if (box and x_needs) else None
+        return (None, grad_x, *grads_in, *([None] * n_dummy))
+
+
+class _Source(torch.autograd.Function):
+    """The decompressed input of a recompute; its gradient lands in ``box``.
+
+    Its only input is a tiny anchor, so nothing but the saved-tensor hooks of
+    the recompute (which point at the compressed payload) refers to the
+    decompressed tensor once the forward is done.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, x, box):
+        ctx.box = box
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.box.append(grad)
+        return None, None, None
+
+
+class _Inject(torch.autograd.Function):
+    """A scalar root whose backward hands ``grads`` to ``tensors``, without keeping the tensors."""
+
+    @staticmethod
+    def forward(ctx, grads, *tensors):
+        ctx.grads = grads
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grads, ctx.grads = ctx.grads, None
+        return (None, *grads)
+
+
+def _recompute(seg, c, x_needs, arg_leaves, state_leaves, grads, box):
+    """Rerun the segment with a graph; return ``(root, anchor)`` (``root`` None: nothing to do)."""
+    x = seg.compressor.decompress(c, seg.x_shape)
+    anchor = None
+    if x_needs:
+        anchor = torch.empty(0, device=x.device, requires_grad=True)
+        x = _Source.apply(anchor, x.detach(), box)
+    else:
+        x = x.detach()
+    hooks = contextlib.nullcontext()
+    if not isinstance(seg.compressor, NullSpikeCompressor) and x.numel() > 0:
+        hooks = _input_from_payload(x, seg.compressor, c)
+    args = _merge(seg.arg_template, arg_leaves)
+    with hooks:
+        if seg.stateful:
+            base.load_memories(seg.module, _merge(seg.state_template, state_leaves))
+        if seg.fn_boxed is not None:
+            box_in = [x]
+            del x
+            out = seg.fn_boxed(box_in, *args)
+        else:
+            out = seg.fn(x, *args)
+            del x
+        _, out_tensors = _split([out] if seg.out_is_tensor else out)
+        del out
+        if seg.stateful:
+            out_tensors += _split(base.extract_memories(seg.module))[1]
+    pairs = [(t, g) for t, g in zip(out_tensors, grads) if g is not None and t.requires_grad]
+    del out_tensors
+    if not pairs:
+        return None, anchor
+    root = _Inject.apply([g for _, g in pairs], *[t for t, _ in pairs])
+    return root, anchor
+
+
+def _input_from_payload(x: _Tensor, compressor, c):
+    """Saved-tensor hooks: save views of ``x`` as references to the compressed payload."""
+    # A weak reference, not the address: once x is freed its memory may hold another tensor.
+    storage_ref, version, dtype = weakref.ref(x.untyped_storage()), x._version, x.dtype
+
+    def pack(t):
+        storage = storage_ref()
+        if (
+            storage is not None
+            and t.dtype == dtype
+            and t._version == version
+            and t.untyped_storage()._cdata == storage._cdata
+        ):
+            return (_FROM_PAYLOAD, t.shape, t.stride(), t.storage_offset())
+        return t
+
+    def unpack(p):
+        if type(p) is tuple and p[0] is _FROM_PAYLOAD:
+            return compressor.decompress(c, c.shape).as_strided(p[1], p[2], p[3])
+        return p
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+_FROM_PAYLOAD = object()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+def _owner_module(fn) -> Optional[nn.Module]:
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=None):
+    if not torch.is_grad_enabled():
+        return fn(x, *args)
+    if not isinstance(x, _Tensor):
+        raise TypeError(f"snnkit.memopt: x_seq must be a tensor, got {type(x).__name__}")
+    seg = _Segment(fn, compressor, module, stateful, fn_boxed)
+    seg.arg_template, arg_tensors = _split(args)
+    state_tensors = []
+    if stateful:
+        seg.state_template, state_tensors = _split(base.extract_memories(module))
+    seg.params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    dummy = []
+    if module is None and not any(t.requires_grad for t in (x, *arg_tensors)):
+        # A closure may use parameters: keep the segment in the graph (Invariant 5).
+        dummy = [torch.empty(0, requires_grad=True)]
+    seg.n_in = (len(arg_tensors), len(state_tensors), len(seg.params), len(dummy))
+    outs = _GCFunction.apply(seg, x, *arg_tensors, *state_tensors, *seg.params, *dummy)
+    n_out = sum(v is _SLOT for v in seg.out_template)
+    out = _merge(seg.out_template, outs[:n_out])
+    if stateful:
+        base.load_memories(module, _merge(seg.state_out_template, outs[n_out:]))
+    return out[0] if seg.out_is_tensor else tuple(out)
+
+
+def input_compressed_gc(f_forward: Callable, x_compressor: BaseSpikeCompressor, x_seq: _Tensor, *args):
+    """Gradient checkpointing of ``f_forward(x_seq, *args)`` with ``x_seq`` stored compressed.
+
+    Only the compressed ``x_seq``, the other tensor arguments (as they are) and
+    the RNG/autocast state are kept; the forward is recomputed in backward.
+    Without grad enabled it just calls ``f_forward``. If ``f_forward`` is an
+    ``nn.Module`` or a bound method of one, its parameters become explicit inputs
+    of the segment, and its memories too if it has any (see the module
+    docstring); a plain function must not change module state (use
+    :class:`GCContainer` for stateful modules).
+
+    Args:
+        f_forward: The function to checkpoint; returns a tensor or a tuple.
+        x_compressor: Compressor for ``x_seq`` (``None``: no compression).
+        x_seq: Main input, typically a spike sequence.
+        *args: Other arguments, stored without compression.
+
+    Returns:
+        What ``f_forward`` returns (a tensor or a tuple).
+
+    Raises:
+        TypeError: if ``x_seq`` is not a tensor or the compressor is not one.
+        ValueError: in backward, if ``x_seq`` held values the compressor cannot store.
+
+    Example:
+        >>> import torch
+        >>> from snnkit.memopt import input_compressed_gc, NullSpikeCompressor
+        >>> def simple_forward(x, weight):
+        ...     return torch.matmul(x, weight.t())
+        >>> x = torch.randn(5, 3, requires_grad=True)
+        >>> weight = torch.randn(4, 3, requires_grad=True)
+        >>> result = input_compressed_gc(simple_forward, NullSpikeCompressor(), x, weight)
+        >>> result.sum().backward()
+        >>> torch.allclose(x.grad, weight.sum(0).expand(5, 3))
+        True
+    """
+    module = _owner_module(f_forward)
+    stateful = module is not None and _has_state(module)
+    return _checkpoint(f_forward, _as_compressor(x_compressor), x_seq, args, module, stateful)
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(isinstance(m, base.MemoryModule) for m in module.modules())
+
+
+def to_gc_function(x_compressor: BaseSpikeCompressor, f_forward: Optional[Callable] = None) -> Callable:
+    """Wrap ``f_forward`` with :func:`input_compressed_gc` (decorator or converter).
+
+    Args:
+        x_compressor: Compressor for the first argument.
+        f_forward: The function; ``None`` returns a decorator.
+
+    Returns:
+        The checkpointed function.
+
+    Example:
+        >>> import torch
+        >>> from snnkit.memopt import to_gc_function, NullSpikeCompressor
+        >>> @to_gc_function(NullSpikeCompressor())
+        ... def decorated_forward(x, weight):
+        ...     return torch.matmul(x, weight.t())
+        >>> x, w = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+        >>> decorated_forward(x, w).shape
+        torch.Size([5, 4])
+        >>> converted = to_gc_function(NullSpikeCompressor(), torch.matmul)
+        >>> converted(x, w.t()).shape
+        torch.Size([5, 4])
+    """
+    compressor = _as_compressor(x_compressor)
+
+    def convert(fn):
+        def gc_forward(x_seq, *args):
+            return input_compressed_gc(fn, compressor, x_seq, *args)
+
+        gc_forward.__name__ = getattr(fn, "__name__", "gc_forward")
+        gc_forward.__qualname__ = getattr(fn, "__qualname__", gc_forward.__name__)
+        gc_forward.__doc__ = getattr(fn, "__doc__", None)
+        gc_forward.__wrapped__ = fn
+        return gc_forward
+
+    return convert if f_forward is None else convert(f_forward)
+
+
+class GCContainer(nn.Sequential):
+    """A GC segment built like :class:`torch.nn.Sequential`.
+
+    Stores its input compressed with ``x_compressor`` and recomputes the
+    modules in backward. With stateful modules (:class:`snnkit.base.MemoryModule`)
+    inside, their memories enter and leave the segment as explicit tensors (see
+    the module docstring); the result equals the plain ``nn.Sequential`` run.
+
+    Args:
+        x_compressor: Spike compressor for the input (``None``: :class:`NullSpikeCompressor`).
+        *args: The modules. The first gets ``(x, *args)`` of :meth:`forward`,
+            the others the previous output.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from snnkit.memopt import GCContainer, NullSpikeCompressor
+        >>> container = GCContainer(NullSpikeCompressor(), nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+        >>> x = torch.randn(3, 10, requires_grad=True)
+        >>> result = container(x)
+        >>> result.shape
+        torch.Size([3, 5])
+        >>> container
+        GCContainer(
+          x_compressor=NullSpikeCompressor()
+          (0): Linear(in_features=10, out_features=20, bias=True)
+          (1): ReLU()
+          (2): Linear(in_features=20, out_features=5, bias=True)
+        )
+    """
+
+    def __init__(self, x_compressor: Optional[BaseSpikeCompressor], *args):
+        super().__init__(*args)
+        self.x_compressor = _as_compressor(x_compressor)
+
+    def extra_repr(self) -> str:
+        return f"x_compressor={self.x_compressor!r}"
+
+    def super_forward(self, input, *args):
+        """Run the modules in order without checkpointing (``nn.Sequential.forward``)."""
+        return self._super_forward_boxed([input], *args)
+
+    def _super_forward_boxed(self, box, *args):
+        input = box.pop()  # the only reference: freed once the first module is done with it
+        for i, module in enumerate(self):
+            input = module(input, *args) if i == 0 else module(input)
+        return input
+
+    def stateless_forward(self, x, *args):
+        """Checkpointed forward for modules without state."""
+        return _checkpoint(self.super_forward, self.x_compressor, x, args, self, False, self._super_forward_boxed)
+
+    def stateful_forward(self, x, *args):
+        """Checkpointed forward passing the memories in and out as explicit tensors."""
+        return _checkpoint(self.super_forward, self.x_compressor, x, args, self, True, self._super_forward_boxed)
+
+    def forward(self, x, *args):
+        """Checkpointed forward: :meth:`stateful_forward` if any module has state."""
+        if _has_state(self):
+            return self.stateful_forward(x, *args)
+        return self.stateless_forward(x, *args)
+
+
+class TCGCContainer(GCContainer):
+    """A temporally chunked :class:`GCContainer`.
+
+    Splits the first ``n_seq_inputs`` inputs along dim 0 (time) into
+    ``min(n_chunk, T)`` chunks, runs each chunk as a GC segment with the state
+    passed from chunk to chunk, and concatenates the ``n_outputs`` outputs along
+    dim 0. Only one chunk's graph exists at a time in backward.
+
+    Args:
+        x_compressor: Spike compressor (``None``: :class:`NullSpikeCompressor`).
+        *args: The modules (positional).
+        n_chunk: Number of chunks (keyword, ``>= 1``; clipped to ``T`` with a warning).
+        n_seq_inputs: How many leading inputs are sequences to split (keyword).
+        n_outputs: How many tensor outputs to concatenate (keyword).
+
+    Raises:
+        ValueError: for ``n_chunk``, ``n_seq_inputs`` or ``n_outputs`` below 1, or
+            sequence inputs of different lengths.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from snnkit.memopt import TCGCContainer, NullSpikeCompressor
+        >>> tc_container = TCGCContainer(
+        ...     NullSpikeCompressor(), nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5), n_chunk=4
+        ... )
+        >>> x_seq = torch.randn(8, 3, 10, requires_grad=True)  # T=8
+        >>> tc_container(x_seq).shape
+        torch.Size([8, 3, 5])
+    """
+
+    def __init__(self, x_compressor, *args, n_chunk: int = 1, n_seq_inputs: int = 1, n_outputs: int = 1):
+        super().__init__(x_compressor, *args)
+        for name, value in (("n_chunk", n_chunk), ("n_seq_inputs", n_seq_inputs), ("n_outputs", n_outputs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"snnkit.memopt: TCGCContainer needs an integer {name} >= 1, got {value!r}")
+        self.n_chunk, self.n_seq_inputs, self.n_outputs = n_chunk, n_seq_inputs, n_outputs
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, n_chunk={self.n_chunk}, n_seq_inputs={self.n_seq_inputs}, "
+            f"n_outputs={self.n_outputs}"
+        )
+
+    def forward(self, x_seq, *args):
+        """Run the chunks one after another; returns one tensor or ``n_outputs`` tensors."""
+        n_seq = self.n_seq_inputs
+        if 1 + len(args) < n_seq:
+            raise ValueError(
+                f"snnkit.memopt: TCGCContainer has n_seq_inputs={n_seq}, but forward got {1 + len(args)} inputs"
+            )
+        seqs, rest = (x_seq, *args[: n_seq - 1]), args[n_seq - 1 :]
+        T = x_seq.shape[0]
+        lengths = [s.shape[0] for s in seqs]
+        if any(n != T for n in lengths):
+            raise ValueError(f"snnkit.memopt: TCGCContainer sequence inputs differ in length along dim 0: {lengths}")
+        n = min(self.n_chunk, max(T, 1))
+        if self.n_chunk > max(T, 1):
+            warnings.warn(
+                f"snnkit.memopt: TCGCContainer n_chunk={self.n_chunk} is larger than T={T}; using {n} chunks",
+                stacklevel=2,
+            )
+        pieces = [torch.tensor_split(s, n) for s in seqs]
+        outs = []
+        for k in range(n):
+            out = super().forward(*(p[k] for p in pieces), *rest)
+            outs.append((out,) if isinstance(out, _Tensor) else tuple(out))
+            del out
+        if any(len(o) != self.n_outputs for o in outs):
+            raise ValueError(
+                f"snnkit.memopt: TCGCContainer has n_outputs={self.n_outputs}, but its modules returned {len(outs[0])}"
+            )
+        cat = []
+        for i in range(self.n_outputs):
+            parts = [o[i] for o in outs]
+            cat.append(parts[0] if n == 1 else torch.cat(parts, dim=0))
+            del parts
+        return cat[0] if self.n_outputs == 1 else tuple(cat)
