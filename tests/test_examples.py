@@ -1,5 +1,6 @@
 """The digits demo (snnkit.examples.digits) and the tutorial scripts the docs include."""
 import json
+import os
 import math
 import pathlib
 import runpy
@@ -84,3 +85,22 @@ def test_tutorial_script_runs(script, monkeypatch, tmp_path):
         runpy.run_path(str(script), run_name="__main__")
     finally:
         plt.close("all")
+
+
+def test_demo_under_torchrun_with_two_gloo_ranks(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "snnkit.examples.digits", "--epochs", "2", "--memopt", "layer",
+           "--quiet", "--json", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only rank 0 reports
+    result = json.loads(lines[0])
+    assert result["memopt"] == "layer" and result["test_accuracy"] > 0.5

@@ -9,6 +9,10 @@ whose output is averaged over time. ``--memopt layer`` wraps every block in a
 ``--compare`` trains all three and prints accuracy, time per step and the peak
 training memory measured by :class:`~snnkit.memopt.MemoryTracker`.
 
+Several processes: ``torchrun --nproc_per_node 2 -m snnkit.examples.digits``
+splits every batch across the ranks and trains with DistributedDataParallel
+(gloo on CPU, NCCL on CUDA); rank 0 reports.
+
 Needs the ``examples`` extra (scikit-learn, tqdm, matplotlib); tqdm and
 matplotlib are optional (no bar, no plot without them).
 
@@ -25,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -150,13 +154,33 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, args) -> float:
     return correct / len(y)
 
 
-def train(args: argparse.Namespace, mode: str, data=None) -> Dict:
+def _join_torchrun(args: argparse.Namespace) -> Tuple[int, int]:
+    """Join the process group when launched by ``torchrun``; returns ``(rank, world_size)``.
+
+    Each rank trains on its share of every batch and DDP averages the gradients, so
+    the update equals a one-process step on the whole batch (BatchNorm statistics are
+    per rank). CUDA ranks use NCCL and the GPU ``LOCAL_RANK``; CPU ranks use gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(args: argparse.Namespace, mode: str, data=None, rank: int = 0, world: int = 1) -> Dict:
     """Train one net with memopt ``mode`` and return its metrics.
 
     Args:
         args: Parsed options of :func:`main` (``T``, ``epochs``, ``batch_size``, ...).
         mode: ``"off"``, ``"layer"`` or ``"auto"``.
         data: ``load_digits()`` output (loaded when ``None``).
+        rank, world: This process's rank and the number of processes (``torchrun``).
 
     Returns:
         A dict with ``memopt``, ``test_accuracy``, ``seconds`` (training and evaluation),
@@ -173,6 +197,8 @@ def train(args: argparse.Namespace, mode: str, data=None) -> Dict:
     dummy = _encode(x_train[: args.batch_size].to(device), args.T, args.encoding)
     net, summary = _apply_memopt(net, mode, dummy)
     functional.reset_net(net)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net)
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
@@ -195,7 +221,7 @@ def train(args: argparse.Namespace, mode: str, data=None) -> Dict:
         bar = _progress(steps_per_epoch, f"[{mode}] epoch {epoch + 1}/{args.epochs}", args.quiet)
         total = 0.0
         for i in range(0, len(y_train), args.batch_size):
-            idx = order[i:i + args.batch_size]
+            idx = order[i:i + args.batch_size][rank::world]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             t0 = time.perf_counter()
             if peak is None:  # measure the peak memory of the first full training step
@@ -205,7 +231,7 @@ def train(args: argparse.Namespace, mode: str, data=None) -> Dict:
             else:
                 loss = step(xb, yb)
                 step_times.append(time.perf_counter() - t0)
-            total += loss * len(idx)
+            total += loss * len(idx) * world
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
         bar.close()
@@ -323,6 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_device(parser, args)
+    rank, world = _join_torchrun(args)
+    if rank != 0:  # one rank reports
+        args.quiet, args.json, args.out = True, False, None
     try:
         data = load_digits()
     except ImportError as e:
@@ -331,7 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.quiet:
         print(f"digits: {len(data[1])} train / {len(data[3])} test images, T={args.T}, epochs={args.epochs}, "
               f"batch {args.batch_size}, device {args.device}, backend {args.backend}", flush=True)
-    results = [train(args, mode, data) for mode in modes]
+    results = [train(args, mode, data, rank, world) for mode in modes]
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     for r in results:
         if r["summary"] and not args.quiet:
             print(r["summary"])
