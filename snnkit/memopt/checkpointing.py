@@ -44,23 +44,31 @@ Implementation and distributed training:
     recomputes the forward and runs a nested ("reentrant") autograd pass over the
     recomputed graph. For modules (:class:`GCContainer`, or a module/bound method
     given to :func:`input_compressed_gc`) the nested pass is
-    :func:`torch.autograd.grad` with the parameters among its inputs: no
-    gradient is accumulated into ``.grad`` inside backward, the parameter
-    gradients come out of the segment's backward like any other, so
-    ``torch.autograd.grad`` works on a GC network and DDP's per-parameter hooks
-    fire from the outer pass, once per use, as in a plain network. Plain
-    functions (closures over parameters) fall back to ``torch.autograd.backward``
-    inside backward, which accumulates into the leaves directly (the behaviour of
-    ``torch.utils.checkpoint(use_reentrant=True)``). The alternative, saved-tensor
-    hooks (non-reentrant checkpointing), cannot carry the state outputs and the
-    compressed input as cleanly; it remains an option if DDP's static-graph mode
-    needs it.
+    :func:`torch.autograd.grad` with the parameters among its inputs: it captures
+    their gradients without running their accumulators, so nothing inside it
+    touches ``.grad`` or fires a hook. The gradients leave the segment's backward
+    like any other, and the outer pass sums the contributions of every call of the
+    segment (``T`` calls in ``"s"`` mode, TC chunks) before running each
+    parameter's accumulator once. DDP's reducer hooks therefore fire once per
+    step, in the outer graph task, after the last contribution, and its final
+    callback runs at the end of the outer pass, as in a plain network
+    (``tests/scale/test_ddp.py`` records this). ``torch.autograd.grad`` works on
+    a GC network too. Plain functions (closures over parameters) fall back to
+    ``torch.autograd.backward`` inside backward, which accumulates into the
+    leaves directly (the behaviour of ``torch.utils.checkpoint(use_reentrant=True)``):
+    under DDP such a function must run once per step, or DDP needs
+    ``static_graph=True``.
 
 Memory of the recompute:
     The decompressed input is not kept by the recomputed graph: tensors that the
     recompute saves and that share its storage are saved as a reference to the
     compressed payload and decompressed again when needed (unless modified in
-    place). The recomputed outputs are released before the nested backward starts.
+    place). The storage is recognised by identity (a weak reference), never by
+    address: once the input is freed, a tensor of the recompute may be allocated
+    at its address, and saving that tensor as the input gave wrong gradients that
+    came and went with the allocator's state (first seen under DDP with
+    single-step segments). The recomputed outputs are released before the nested
+    backward starts.
 
 Example:
     >>> import torch
