@@ -591,8 +591,9 @@ class TCGCContainer(GCContainer):
         n_outputs: How many tensor outputs to concatenate (keyword).
 
     Raises:
-        ValueError: for ``n_chunk``, ``n_seq_inputs`` or ``n_outputs`` below 1, or
-            sequence inputs of different lengths.
+        ValueError: for ``n_chunk``, ``n_seq_inputs`` or ``n_outputs`` below 1,
+            sequence inputs of different lengths, or a module in ``step_mode="s"``
+            (whose dim 0 is the batch, not time).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -624,6 +625,13 @@ class TCGCContainer(GCContainer):
         if 1 + len(args) < n_seq:
             raise ValueError(
                 f"snnkit.memopt: TCGCContainer has n_seq_inputs={n_seq}, but forward got {1 + len(args)} inputs"
+            )
+        single = [name for name, m in self.named_modules() if isinstance(m, base.StepModule) and m.step_mode == "s"]
+        if single:
+            raise ValueError(
+                f"snnkit.memopt: TCGCContainer splits its inputs along time (dim 0), but module {single[0]!r} is in "
+                "step_mode='s', where dim 0 is the batch; use step_mode='m' (functional.set_step_mode(block, 'm')) "
+                "or a GCContainer"
             )
         seqs, rest = (x_seq, *args[: n_seq - 1]), args[n_seq - 1 :]
         T = x_seq.shape[0]
