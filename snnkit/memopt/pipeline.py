@@ -12,52 +12,75 @@ anything else -> :class:`~snnkit.memopt.NullSpikeCompressor`).
 2. spatial split of the segment that holds the peak (``nn.Sequential`` children,
    or the modules a block returns from ``__spatial_split__()``, which must
    compose sequentially to the block's forward),
-3. temporal split of the segment that holds the peak (a
-   :class:`~snnkit.memopt.TCGCContainer` with 2, 4, 8, ... chunks, for
-   multi-step blocks only),
+3. temporal split: of the segment that holds the peak (a
+   :class:`~snnkit.memopt.TCGCContainer` with 2, 4, 8, ... chunks), and
+   temporal segments that span several consecutive blocks (children of one
+   ``nn.Sequential``, multi-step): one ``TCGCContainer`` runs the blocks
+   together chunk by chunk, so the gradient between them only ever exists
+   for one chunk of time steps,
 4. greedy unwrap: segments whose recompute buys the least memory per second go
-   back to plain modules as long as the peak does not rise.
+   back to plain modules as long as the peak does not rise (and, for the
+   multi-block segments, the last blocks of each chain).
 
 Each step is kept only if the estimated peak goes down (unwrap: does not go up).
 
 How the planner measures
 ------------------------
-Planning never runs one training step per candidate. It runs one *cut* step of
-the layer-wise GC net: each block's output is detached into a fresh leaf, so
-every block's forward and backward can be measured on its own with a nested
-:class:`~snnkit.memopt.MemoryTracker` (peak of live tensor bytes on any device,
-CPU included), while the gradients stay exactly those of the full step. The
-same step records, through saved-tensor hooks in the recompute, what the plain
-block would keep for backward. From these numbers the peak of any plan is
-computed: the forward of block ``k`` peaks at
+Planning never runs a full training step per candidate. It runs one *cut*
+step of the layer-wise GC net on **one sample** of the batch (bytes and times
+are scaled by the batch size; parameter gradients are not): each block's
+output is detached into a fresh leaf, so every block's forward and backward
+can be measured on its own with a nested :class:`~snnkit.memopt.MemoryTracker`
+(peak of live tensor bytes on any device, CPU included). The same step
+records, through saved-tensor hooks in the recompute, what the plain block
+would keep for backward. From these numbers the peak of a plan of single-block
+segments is computed: the forward of block ``k`` peaks at
 ``sum(retained[j] for j < k) + input[k] + forward_excess[k]``, its backward at
 ``sum(retained[j] for j <= k) + grad_output[k] + backward_excess[k] +
-parameter_grads(j > k)``. Spatial and temporal candidates of the peak block are
-measured by running that block alone on its recorded input. The final plan is
-verified with one real step (``verify=True``), which also calibrates the
-estimate of the peak before planning. Planning holds each block's input once.
+parameter_grads(j > k)``; spatial and temporal candidates of the peak block
+are measured by running that block alone on its recorded input. Temporal
+segments over several blocks are not additive, so they are measured by real
+steps, again on one sample (on CPU a half to one full step each, as the
+chunks run many small operators): segments of 2 blocks and 4 chunks, then the
+last segments of each chain unwrapped while the peak does not rise, then
+larger segments and more chunks while it goes down, within ``budget`` (3 plain
+steps by default: ``budget - 1`` candidates, and a wall-clock deadline of
+``budget`` estimated plain steps).
+``verify=True`` adds one real full-batch step that measures the final plan.
 
 What holds the peak
 -------------------
 With every block a GC segment, a step peaks in the backward recompute of the
 largest block: its decompressed input, what its layers save for backward
-(convolution input, BatchNorm input, the neurons' ``h_seq``), the float
+(convolution input, BatchNorm input, the neurons' ``h_seq``), the float32
 gradient of its output and the gradient of its input are all alive at once,
 on top of the compressed inputs of the blocks before it. A spatial split
 shrinks what the recompute keeps, at the price of storing the float
-pre-activation between the parts; a temporal split divides the recompute by
-the number of chunks but not the float32 gradients flowing into and out of
-the segment (``grad_output`` and ``grad_input`` span all ``T`` steps), nor the
-parameter gradients, and it keeps the neuron state between chunks (one time
-step of the block's output per chunk), so more chunks lower the block's own
-peak while raising what every later block stands on. Those two full-size float32 gradients between two
-segments are the floor: no plan can go below ``input + grad_output +
-grad_input`` of the widest block boundary plus the compressed inputs before
-it. On spiking VGGs the first blocks (largest feature maps) hold the peak;
-the last blocks are cheap to keep plain, which is what the unwrap step finds.
-On the 6-block benchmark VGG (``[8, 4, 2, 48, 48]``) the first block's
-output gradient alone is 9 MiB and its recompute at 2 chunks about 30 MiB,
-which is why the plan stops near 47 MiB (2.2x below no GC).
+pre-activation between the parts. A temporal split of one block divides its
+recompute by the number of chunks but not the float32 gradients flowing into
+and out of it (``grad_output`` and ``grad_input`` span all ``T`` steps): on
+the 6-block benchmark VGG (``[8, 4, 2, 48, 48]``) the first block's output
+gradient alone is 9 MiB, and single-block plans stop near 40 MiB (2.5x). A
+temporal segment over two blocks removes the full-size gradient between them,
+which is what brings that net to 32 MiB (3.2x). What remains at the peak
+(measured breakdown, 6-block VGG, 2-block segments of 4 chunks):
+
+* the neuron states a temporal segment keeps to restart each chunk: ``n - 1``
+  time steps of every neuron's membrane potential, plus the final state each
+  module holds anyway (12.7 MiB of the 32 MiB, the largest item: more chunks
+  lower the recompute but raise this, which is why 8 chunks lose to 4);
+* the full-size float32 gradient at a segment boundary and the gradient of
+  the segment's input being assembled (4.5 MiB and 2.25 MiB);
+* one chunk's recompute: convolution and BatchNorm outputs, ``h_seq``, the
+  max-pool input (decompressed) and indices (int64), their gradients (about
+  12 MiB);
+* parameter gradients. Inside a temporal segment every chunk produces a full
+  gradient of the segment's parameters and autograd adds them up, so up to 3
+  copies of a weight gradient are alive at once. On the 8-block VGG
+  (35.4 MiB of float32 weights, 512-channel 3x3 convolutions of 9 MiB each)
+  this dominates: the parameter gradients (35.4 MiB) and the neurons' final
+  states (7.9 MiB) alone are 43.3 MiB, more than its 6x target (42.2 MiB), so
+  no plan of this kind can reach 6x on it.
 
 Exactness: GC and spatial splits reproduce the plain gradients exactly. A
 temporal split computes BatchNorm batch statistics per chunk of time steps, so
@@ -68,7 +91,6 @@ pass ``temporal=False`` to rule temporal splits out.
 import copy
 import dataclasses
 import logging
-import math
 import sys
 import time
 import warnings
@@ -276,8 +298,32 @@ class _SpatialSplit(nn.Sequential):
         self.train(block.training)
 
 
+class _Merged(nn.Module):
+    """Placeholder at the site of a block that runs inside the temporal segment of an earlier sibling."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.__dict__["_block"] = block  # kept out of the module tree: its parameters live in the segment
+        setattr(self, _MARK, True)
+        self.train(block.training)
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self) -> str:
+        return f"runs inside the temporal segment before it ({type(self.__dict__['_block']).__name__})"
+
+
+def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk: Optional[int]) -> nn.Module:
+    """Consecutive sibling blocks as one GC segment (``n_chunk``: temporal chunks)."""
+    container = _wrap(blocks[0], compressor, n_chunk)
+    for i, block in enumerate(blocks[1:], 1):
+        container.add_module(str(i), block)
+    return container
+
+
 def _original(container: nn.Module) -> nn.Module:
-    if isinstance(container, _SpatialSplit):
+    if isinstance(container, (_SpatialSplit, _Merged)):
         block = container.__dict__["_block"]
     else:
         block = container[0]
@@ -507,7 +553,11 @@ class MemOptSummary:
             ``"unwrapped"``), ``parts`` (spatial parts or temporal chunks, 1
             otherwise), ``compressor`` (class names, ``"/"``-joined for spatial
             parts, ``"-"`` when unwrapped), ``retained_bytes`` and
-            ``recompute_s`` (forward time the plan recomputes in backward).
+            ``recompute_s`` (forward time the plan recomputes in backward),
+            ``segment`` (path of the block whose site holds the block's GC
+            segment: itself, or the first block of a temporal segment over
+            several consecutive blocks, whose other sites hold placeholders;
+            ``retained_bytes`` is not modelled for those and reads 0).
         peak_before: Peak live tensor bytes of a plain step (estimated from
             the measurements, calibrated by the verification step).
         peak_after: Peak of a step of the planned net (measured when
@@ -789,8 +839,8 @@ def _descend(blocks: List[_Block]) -> None:
 # ----------------------------------------------------------------------------- planner: public
 
 
-def _plan(blocks: List[_Block], level: int, compress, temporal: bool, progress: _Progress) -> int:
-    if level >= 2:
+def _plan(blocks: List[_Block], level: int, compress, temporal: bool, progress: _Progress, split: bool = True) -> int:
+    if level >= 2 and split:
         progress.step("split the peak segment")
         while True:
             _, k, phase = _model_peak(blocks)
@@ -833,6 +883,154 @@ def _plan(blocks: List[_Block], level: int, compress, temporal: bool, progress: 
     return best
 
 
+def _chains(blocks: List[_Block]) -> List[List[_Block]]:
+    """Runs of blocks that are consecutive children of one ``nn.Sequential`` (each run once, multi-step)."""
+    chains: List[List[_Block]] = []
+    for b in blocks:
+        ok = b.calls == 1 and isinstance(b.site.parent, nn.Sequential) and b.multistep()
+        b.steps = b.x.shape[0] if ok else 0
+        prev = chains[-1][-1] if chains else None
+        if ok and prev is not None and prev.site.parent is b.site.parent:
+            names = list(b.site.parent._modules)
+            if names.index(b.site.name) == names.index(prev.site.name) + 1:
+                chains[-1].append(b)
+                continue
+        if ok:
+            chains.append([b])
+    return [c for c in chains if len(c) >= 2]
+
+
+def _family(chain: List[_Block], size: int, n_chunk: int, plain_tail: int = 0) -> List[Tuple[int, int, Any]]:
+    """Groups ``(start, end, kind)`` of ``size`` blocks, each a temporal segment, the last ``plain_tail`` plain."""
+    groups = [(k, min(k + size, len(chain)), n_chunk) for k in range(0, len(chain), size)]
+    for start, end, _ in groups[len(groups) - plain_tail :] if plain_tail else []:
+        groups.remove((start, end, n_chunk))
+        groups += [(i, i + 1, "plain") for i in range(start, end)]
+    return groups
+
+
+def _put_groups(chain: List[_Block], groups, compress) -> None:
+    for start, end, kind in groups:
+        head = chain[start]
+        if kind == "plain":
+            for b in chain[start:end]:
+                b.site.put(b.block)
+            continue
+        comp = _choose_compressor(head.block, compress, head.binary)
+        head.site.put(_group([b.block for b in chain[start:end]], comp, kind))
+        for b in chain[start + 1 : end]:
+            b.site.put(_Merged(b.block))
+
+
+class _ScaledTracker(MemoryTracker):
+    """A tracker whose :attr:`scaled_peak` is the peak of ``fixed + scale * rest`` bytes.
+
+    ``fixed`` are storages of tensors shaped like a parameter (parameter
+    gradients and their per-chunk copies, which do not grow with the batch),
+    ``rest`` everything else: on a one-sample step with ``scale`` the batch
+    size this estimates the peak of the full batch.
+    """
+
+    def __init__(self, scale: float, fixed_shapes: set):
+        super().__init__()
+        self.scale, self.fixed_shapes = scale, fixed_shapes
+        self.scaled_peak, self._fixed, self._rest, self._kind, self._next = 0.0, 0, 0, {}, False
+
+    def _track(self, t: torch.Tensor) -> None:
+        self._next = tuple(t.shape) in self.fixed_shapes
+        super()._track(t)
+
+    def _add(self, storage, is_new: bool) -> None:
+        key = storage._cdata
+        if storage.nbytes() == 0 or key in self._live:
+            return
+        super()._add(storage, is_new)
+        self._kind[key] = (self._next, storage.nbytes())
+        if self._next:
+            self._fixed += storage.nbytes()
+        else:
+            self._rest += storage.nbytes()
+        self.scaled_peak = max(self.scaled_peak, self._fixed + self.scale * self._rest)
+
+    def _free(self, key) -> None:
+        kind = self._kind.pop(key, None)
+        if kind is not None and self._active:
+            if kind[0]:
+                self._fixed -= kind[1]
+            else:
+                self._rest -= kind[1]
+        super()._free(key)
+
+
+def _sample_peak(net: nn.Module, inputs: tuple, loss_fn, scale: float = 1.0) -> int:
+    """Peak live tensor bytes of one real training step, scaled to the batch (state and gradients left alone)."""
+    shapes = {tuple(p.shape) for p in net.parameters() if p.requires_grad}
+    with _StateGuard(net):
+        for p in net.parameters():
+            p.grad = None
+        with _ScaledTracker(scale, shapes) as tracker:
+            _loss(_run(net, inputs), loss_fn).backward()
+    return int(round(tracker.scaled_peak))
+
+
+def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scale: float, best: int,
+                   max_trials: int):
+    """Temporal segments over consecutive blocks, measured by real steps on ``inputs`` (one sample).
+
+    From segments of 2 blocks and 4 chunks, the last segments of each chain
+    are unwrapped, then larger segments and more chunks are tried; every
+    candidate is one step, and the search stops after ``max_trials`` candidates
+    or when ``deadline`` passes (the first candidate always runs). ``best``
+    is the estimated peak of the current plan. Returns ``(peak, {chain index:
+    groups})``; ``{}`` keeps the current plan.
+    """
+    saved = [b.site.parent._modules[b.site.name] for c in chains for b in c]
+    longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
+    tried: Dict[Tuple[int, int, int], int] = {}
+
+    def trial(size, n, tail=0) -> int:
+        key = (size, n, tail)
+        if key not in tried:
+            for chain in chains:
+                _put_groups(chain, _family(chain, size, min(n, chain[0].steps), tail), compress)
+            tried[key] = _sample_peak(net, inputs, loss_fn, scale)
+            _log.debug("memory_optimization: %d-block temporal segments of %d chunks, last %d plain -> %d",
+                       size, n, tail, tried[key])
+        return tried[key]
+
+    try:
+        return _climb(trial, tried, best, longest, steps, deadline, chains, max_trials)
+    finally:  # back to the plan of the analytic stages; the caller applies the choice
+        k = 0
+        for chain in chains:
+            for b in chain:
+                b.site.put(saved[k])
+                k += 1
+
+
+def _climb(trial, tried, best, longest, steps, deadline, chains, max_trials):
+    def more() -> bool:
+        return time.perf_counter() <= deadline and len(tried) < max_trials
+
+    if trial(2, 4) >= best:
+        return best, {}
+    best, (size, n), tail = tried[(2, 4, 0)], (2, 4), 0
+    groups = min(-(-len(c) // size) for c in chains)
+    while more() and tail + 1 < groups:  # unwrap the last segments while the peak does not rise
+        if trial(size, n, tail + 1) > best:
+            break
+        best, tail = tried[(size, n, tail + 1)], tail + 1
+    moved = True
+    while moved and more():  # then larger segments or more chunks, while the peak goes down
+        moved = False
+        for cand in ((size + 1, n), (size, 2 * n)):
+            if 1 <= cand[0] <= longest and 2 <= cand[1] <= steps and cand + (tail,) not in tried and more():
+                if trial(*cand, tail) < best:
+                    best, (size, n), moved = tried[(*cand, tail)], cand, True
+                    break
+    return best, {i: _family(c, size, min(n, c[0].steps), tail) for i, c in enumerate(chains)}
+
+
 def _realize(b: _Block, compress) -> nn.Module:
     if b.config == "plain":
         return b.block
@@ -842,6 +1040,18 @@ def _realize(b: _Block, compress) -> nn.Module:
 
 
 def _row(b: _Block) -> Dict[str, Any]:
+    if getattr(b, "group", None) is not None and b.group[1] != "plain":
+        head, n = b.group
+        return {
+            "path": b.path,
+            "type": type(b.block).__name__,
+            "action": "temporal",
+            "parts": n,
+            "compressor": b.compressors.get("gc", "-") if head == b.path else "-",
+            "retained_bytes": 0,
+            "recompute_s": b.t_fwd,
+            "segment": head,
+        }
     key = b.config
     action = {"plain": "unwrapped", "gc": "gc"}.get(key) if isinstance(key, str) else key[0]
     parts = len(b.modules[key]) if action == "spatial" else (key[1] if action == "temporal" else 1)
@@ -853,6 +1063,7 @@ def _row(b: _Block) -> Dict[str, Any]:
         "compressor": b.compressors.get(key, "-"),
         "retained_bytes": b.cost.retained,
         "recompute_s": 0.0 if key == "plain" else b.t_fwd,
+        "segment": b.path,
     }
 
 
@@ -865,9 +1076,10 @@ def memory_optimization(
     progress: bool = False,
     compress: Union[str, BaseSpikeCompressor, None] = "auto",
     temporal: bool = True,
-    verify: bool = True,
+    verify: bool = False,
     loss_fn=None,
     batch_dim: Optional[int] = None,
+    budget: float = 3.0,
 ):
     """Plan gradient checkpointing for ``net`` automatically, in place.
 
@@ -888,13 +1100,16 @@ def memory_optimization(
         compress: Compressor policy, as in :func:`apply_gc`.
         temporal: Allow temporal splits (BatchNorm inside one normalises per
             chunk: pass ``False`` when gradients must match a plain net exactly).
-        verify: Measure the final plan with one real step (else report the estimate).
+        verify: Measure the final plan with one real full-batch step (else
+            report the estimate; off by default, as it costs a step).
         loss_fn: Maps the net's output to a scalar loss (default: sum of the outputs).
         batch_dim: The batch dimension of ``dummy_input`` (default: 1 for nets
             with multi-step modules, else 0). Blocks are measured on one sample
             and the bytes scaled by the batch size, which makes planning cost
             a fraction of a step; nets that do not run on one sample are
             measured on the whole batch.
+        budget: Planning budget in plain training steps (see the module
+            docstring); more lets the segment search try more candidates.
 
     Returns:
         ``net``, or ``(net, summary)`` with ``return_summary=True``.
@@ -920,6 +1135,9 @@ def memory_optimization(
         raise ValueError(f"snnkit.memopt: level must be 0, 1, 2, 3 or 4, got {level!r}")
     types = _check_block_types(block_types)
     _check_compress(compress)
+    if level > 0:  # the first dispatch mode of a process pays a one-time import of torch internals (~1 s)
+        with MemoryTracker():
+            torch.zeros(1).add_(1)
     t_start = time.perf_counter()
     sites = _find_blocks(net, types) if level > 0 else []
     if level > 0 and not sites:
@@ -935,7 +1153,7 @@ def memory_optimization(
     if isinstance(net, types):
         raise ValueError(f"snnkit.memopt: the root module {type(net).__name__} is itself one of block_types")
     inputs = _as_inputs(dummy_input)
-    bar = _Progress(progress, 2 + (level >= 2) + (level >= 4) + verify)
+    bar = _Progress(progress, 2 + (level >= 2) + (level >= 3 and temporal) + (level >= 4) + verify)
     blocks = [_Block(s) for s in sites]
     for b in blocks:
         b.site.put(_wrap(b.block, NullSpikeCompressor()))
@@ -951,6 +1169,7 @@ def memory_optimization(
                 _log.debug("memory_optimization: the net does not run on a slice of the batch; measuring it whole")
                 blocks = [_Block(b.site) for b in blocks]
                 step_s, scale = _cut_step(net, blocks, inputs, loss_fn), 1.0
+                sliced = inputs
             for b in blocks:
                 b.rescale(scale)
             for b in blocks:
@@ -963,16 +1182,38 @@ def memory_optimization(
             if any(b.calls > 1 for b in blocks) and level > 1:
                 _log.info("memory_optimization: a block runs more than once per step; planning stops at level 1")
                 level = 1
-            estimate = _plan(blocks, level, compress, temporal, bar)
+            chains = _chains(blocks) if level >= 3 and temporal else []
+            # every block in a chain: the segment search below replaces the single-block splits
+            covered = {id(b) for c in chains for b in c} >= {id(b) for b in blocks if b.calls > 0}
+            estimate = _plan(blocks, level, compress, temporal, bar, split=not covered)
     except BaseException:
         for b in blocks:
             b.site.put(b.block)
         bar.close()
         raise
-    for b in blocks:
-        b.x, b.state = None, []
-        b.site.put(_realize(b, compress))
     plain_step = max(step_s - sum(b.t_fwd for b in blocks), 1e-9)
+    for b in blocks:
+        b.x, b.state, b.group = None, [], None
+        b.site.put(_realize(b, compress))
+    if chains:
+        bar.step("temporal segments over consecutive blocks")
+        deadline = t_start + (budget - 0.4) * plain_step
+        try:
+            trials = max(1, int(round(budget)) - 1)  # the cut step costs about half a step, a candidate up to one
+            sample, choice = _search_groups(net, chains, sliced, loss_fn, compress, deadline, scale, estimate, trials)
+        except BaseException:
+            for b in blocks:
+                b.site.put(b.block)
+            bar.close()
+            raise
+        if choice:
+            estimate = sample
+            for i, chain in enumerate(chains):
+                _put_groups(chain, choice[i], compress)
+                for start, end, kind in choice[i]:
+                    for b in chain[start:end]:
+                        b.group = (chain[start].path, kind)
+                        b.config = "plain" if kind == "plain" else b.config
     recompute = sum(b.t_fwd for b in blocks if b.config != "plain")
     measured = estimate
     if verify:

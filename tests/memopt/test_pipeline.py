@@ -264,6 +264,56 @@ def test_planned_net_trains_to_the_same_gradients(level):
     _assert_same(_grads(net, x), ref)
 
 
+@pytest.mark.parametrize("n_chunk", [None, 2, T])
+def test_temporal_segment_over_consecutive_blocks_is_exact(n_chunk):
+    net = nn.Sequential(Block(5, 7), Block(7, 7), Block(7, 6), Block(6, 6), layer.Linear(6, 2, step_mode="m"))
+    x = (torch.rand(T, N, 5) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    originals = list(net)
+    blocks = [pipeline._Block(s) for s in pipeline._find_blocks(net, Block)]
+    for b in blocks:
+        b.calls, b.x, b.binary = 1, torch.zeros(T, 1), True
+    chains = pipeline._chains(blocks)
+    assert [len(c) for c in chains] == [4]
+    groups = [(0, 3, n_chunk), (3, 4, "plain")]
+    pipeline._put_groups(chains[0], groups, "auto")
+    assert isinstance(net[0], GCContainer) and len(net[0]) == 3 and isinstance(net[1], pipeline._Merged)
+    assert isinstance(net[0], TCGCContainer) == (n_chunk is not None) and net[3] is originals[3]
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for m in originals for p in m.parameters())
+    _assert_same(_grads(net, x), ref)
+    unwrap_gc(net)
+    assert list(net) == originals
+
+
+class ConvNoBN(nn.Sequential):
+    """Conv -> LIF (no BatchNorm: temporal segments stay exact)."""
+
+    def __init__(self, i, o):
+        conv = layer.SeqToANNContainer(nn.Conv2d(i, o, 3, padding=1))
+        super().__init__(conv, neuron.LIFNode(step_mode="m", v_threshold=0.5))
+
+
+def test_planner_makes_temporal_segments_and_reports_them():
+    torch.manual_seed(0)
+    blocks = [ConvNoBN(2, 16)] + [ConvNoBN(16, 16) for _ in range(3)]
+    net = nn.Sequential(*blocks, layer.Flatten(step_mode="m"), layer.Linear(16 * 12 * 12, 2, step_mode="m"))
+    x = (torch.rand(8, 4, 2, 12, 12) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    net, s = memory_optimization(net.double(), ConvNoBN, x, return_summary=True, budget=1e9, verify=True)
+    merged = [r for r in s.rows if r["segment"] != r["path"]]
+    assert merged, "expected a temporal segment over several blocks on this net"
+    for r in merged:
+        assert isinstance(net[int(r["path"])], pipeline._Merged) and r["action"] == "temporal"
+        head = net[int(r["segment"])]
+        assert isinstance(head, TCGCContainer) and head.n_chunk == r["parts"] and len(head) >= 2
+    # the one-sample estimate, scaled to the batch, is close to the measured peak
+    assert abs(s.peak_after_estimate - s.peak_after) <= 0.1 * s.peak_after
+    assert s.peak_after < s.peak_before
+    _assert_same(_grads(net, x), ref)
+    unwrap_gc(net)
+    assert list(net)[:4] == blocks
+
+
 def test_planner_with_batchnorm_and_temporal_off_is_exact():
     net = _vgg((4, 6, 6))
     x = (torch.rand(T, N, 2, 6, 6) > 0.5).double()
@@ -300,7 +350,7 @@ def test_cut_step_measures_known_sizes():
 def test_tracker_agrees_with_the_planner_verification():
     net = _vgg((4, 8))
     x = (torch.rand(T, N, 2, 6, 6) > 0.5).float()
-    net, summary = memory_optimization(net, ConvBlock, x, return_summary=True)
+    net, summary = memory_optimization(net, ConvBlock, x, return_summary=True, verify=True)
     with MemoryTracker() as tracker:
         net(x).sum().backward()
     assert summary.verified and summary.peak_after == tracker.peak_bytes
@@ -320,6 +370,8 @@ def test_summary_contents_and_state_untouched():
         module = net[int(r["path"])]
         if r["action"] == "unwrapped":
             assert isinstance(module, ConvBlock) and r["compressor"] == "-" and r["recompute_s"] == 0
+        elif r["action"] == "temporal" and r["segment"] != r["path"]:
+            assert isinstance(module, pipeline._Merged)
         elif r["action"] == "temporal":
             assert isinstance(module, TCGCContainer) and module.n_chunk == r["parts"]
         elif r["action"] == "spatial":
@@ -349,6 +401,6 @@ def test_progress_fallback_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     net = nn.Sequential(Block(4, 8), Block(8, 8))
-    memory_optimization(net, Block, (torch.rand(T, N, 4) > 0.5).float(), progress=True)
+    memory_optimization(net, Block, (torch.rand(T, N, 4) > 0.5).float(), progress=True, verify=True)
     err = capsys.readouterr().err
     assert "memory_optimization [1/" in err and "verify" in err
