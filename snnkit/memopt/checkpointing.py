@@ -48,8 +48,10 @@ Implementation and distributed training:
     their gradients without running their accumulators, so nothing inside it
     touches ``.grad`` or fires a hook. The gradients leave the segment's backward
     like any other, and the outer pass sums the contributions of every call of the
-    segment (``T`` calls in ``"s"`` mode, TC chunks) before running each
-    parameter's accumulator once. DDP's reducer hooks therefore fire once per
+    segment (``T`` calls in ``"s"`` mode) before running each parameter's
+    accumulator once. The chunks of one :class:`TCGCContainer` call sum their
+    parameter gradients themselves and hand the total to the outer pass once per
+    call (see below). DDP's reducer hooks therefore fire once per
     step, in the outer graph task, after the last contribution, and its final
     callback runs at the end of the outer pass, as in a plain network
     (``tests/scale/test_ddp.py`` records this). ``torch.autograd.grad`` works on
@@ -69,6 +71,23 @@ Memory of the recompute:
     came and went with the allocator's state (first seen under DDP with
     single-step segments). The recomputed outputs are released before the nested
     backward starts.
+
+Memory of temporal chunks (:class:`TCGCContainer`):
+    One autograd node splits the sequences of a call into chunks and takes the
+    segment's parameters; each chunk passes a zero-size handle of it instead of
+    the parameters. Its backward runs once, after every chunk's backward, and
+    (1) concatenates the chunks' input gradients into the one full-size input
+    gradient (per-chunk slicing would pad every chunk gradient to a full-size
+    zero tensor, two of them alive at once, while the chunk gradients wait);
+    (2) returns the parameter gradients that the chunks added up in place, in
+    the order their backwards ran (the first chunk gradient becomes the sum
+    unless it may share memory with another tensor, then the first sum does),
+    so at most two copies of a weight gradient exist and the sum has the bits
+    of autograd's. Both are exact. A full-size input gradient is made only at
+    the end (the chunk gradients, together one full size, wait until then), so
+    while the chunks recompute no more is kept than before; a buffer written by
+    the chunks would instead hold a full-size gradient during every chunk's
+    recompute, where the peak of multi-block segments lies.
 
 Example:
     >>> import torch
@@ -218,6 +237,7 @@ class _Segment:
         "c_single",
         "c_n",
         "c_has_flag",
+        "acc",
     )
 
     def __init__(self, fn, compressor, module, stateful, fn_boxed=None):
@@ -225,6 +245,8 @@ class _Segment:
         # fn_boxed(box, *args) takes its input from box.pop(), so that the recompute
         # does not keep the decompressed input alive after the first module used it.
         self.fn_boxed = fn_boxed
+        # Set for the chunks of a TCGCContainer call: their parameter gradients go to acc.
+        self.acc: Optional[_ParamAccumulator] = None
 
 
 class _GCFunction(torch.autograd.Function):
@@ -291,6 +313,9 @@ class _GCFunction(torch.autograd.Function):
                 if anchor is not None:
                     next(got)
                 grads_in = [next(got) if t.requires_grad else None for t in leaves] + list(got)
+                if seg.acc is not None:
+                    seg.acc.add(grads_in[n_args + n_states :], grads)
+                    del grads_in[n_args + n_states :]
             else:
                 torch.autograd.backward(root)
                 grads_in = [t.grad for t in (*arg_leaves, *state_leaves)]
@@ -298,6 +323,10 @@ class _GCFunction(torch.autograd.Function):
             if live is not None:
                 base.load_memories(seg.module, live)
         grad_x = box[0] if (box and x_needs) else None
+        if seg.acc is not None:  # the handle of the chunked call (see _Chunks)
+            if len(grads_in) < n_args + n_states:
+                grads_in += [None] * (n_args + n_states - len(grads_in))
+            return (None, grad_x, *grads_in, seg.acc.handle_grad())
         return (None, grad_x, *grads_in, *([None] * n_dummy))
 
 
@@ -397,6 +426,95 @@ _FROM_PAYLOAD = object()
 
 
 # ---------------------------------------------------------------------------------------------
+# Temporal chunks: one node owns the input and parameter gradients of a chunked call
+# ---------------------------------------------------------------------------------------------
+class _ParamAccumulator:
+    """The parameter gradients of the chunks of one :class:`TCGCContainer` call, summed in place."""
+
+    # No reference to the handle (an output of _Chunks, whose ctx holds this): no cycle through the graph.
+    __slots__ = ("params", "handle_meta", "grads", "owned")
+
+    def __init__(self, params):
+        self.params, self.handle_meta = params, None
+        self.grads: Optional[list] = None
+        self.owned: List[bool] = []
+
+    def add(self, grads, grad_outputs):
+        """Add one chunk's gradients, in the order the chunks' backwards run (as autograd would)."""
+        if self.grads is None:
+            self.grads, self.owned = [None] * len(grads), [False] * len(grads)
+        # Storages seen among this chunk's tensors: a gradient may be shared (two parameters
+        # added to the same tensor get the same gradient) or be the outer gradient itself.
+        seen: dict = {}
+        for t in (*grads, *grad_outputs):
+            if t is not None:
+                ptr = t.untyped_storage().data_ptr()
+                seen[ptr] = seen.get(ptr, 0) + 1
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            old = self.grads[i]
+            own = g._base is None and g.is_contiguous() and seen[g.untyped_storage().data_ptr()] == 1
+            if old is None:
+                self.grads[i], self.owned[i] = g, own
+            elif self.owned[i]:
+                old.add_(g)  # the same bits as old + g
+            else:
+                self.grads[i], self.owned[i] = (g.add_(old) if own else old + g), True
+
+    def handle_grad(self) -> _Tensor:
+        dtype, device = self.handle_meta
+        return torch.zeros(0, dtype=dtype, device=device)
+
+    def take(self) -> list:
+        grads, self.grads, self.owned = self.grads, None, []
+        return grads if grads is not None else [None] * len(self.params)
+
+
+class _Chunks(torch.autograd.Function):
+    """Split the sequences of a chunked call along dim 0; pass the parameters on as one handle.
+
+    Its backward runs once, after every chunk's: it concatenates the chunks'
+    input gradients (one full-size tensor per sequence, no zero padding) and
+    returns the parameter gradients that the chunks summed into ``acc``, so
+    that they leave through the outer graph once per call.
+    """
+
+    @staticmethod
+    def forward(ctx, acc, n, n_seqs, *tensors):
+        seqs = tensors[:n_seqs]
+        ctx.acc, ctx.n, ctx.n_seqs = acc, n, n_seqs
+        ctx.sizes = [[p.shape[0] for p in torch.tensor_split(s, n)] for s in seqs]
+        ctx.meta = [(s.shape, s.dtype, s.device) for s in seqs]
+        pieces = [p for s in seqs for p in torch.tensor_split(s, n)]
+        frozen = [p for s, i in zip(seqs, range(n_seqs)) if not ctx.needs_input_grad[3 + i] for p in pieces[i * n : (i + 1) * n]]
+        handle = seqs[0].new_empty(0)
+        acc.handle_meta = (handle.dtype, handle.device)
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        ctx.set_materialize_grads(False)
+        return (*pieces, handle)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, n_seqs = ctx.n, ctx.n_seqs
+        out = []
+        for i in range(n_seqs):
+            parts = grads[i * n : (i + 1) * n]
+            if not ctx.needs_input_grad[3 + i] or all(g is None for g in parts):
+                out.append(None)
+                continue
+            shape, dtype, device = ctx.meta[i]
+            parts = [
+                g if g is not None else torch.zeros((k, *shape[1:]), dtype=dtype, device=device)
+                for g, k in zip(parts, ctx.sizes[i])
+            ]
+            out.append(torch.cat(parts, dim=0))
+            del parts
+        return (None, None, None, *out, *ctx.acc.take())
+
+
+# ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
 def _owner_module(fn) -> Optional[nn.Module]:
@@ -406,7 +524,7 @@ def _owner_module(fn) -> Optional[nn.Module]:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=None):
+def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=None, acc=None, handle=None):
     if not torch.is_grad_enabled():
         return fn(x, *args)
     if not isinstance(x, _Tensor):
@@ -418,11 +536,17 @@ def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=N
         seg.state_template, state_tensors = _split(base.extract_memories(module))
     seg.params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
     dummy = []
-    if module is None and not any(t.requires_grad for t in (x, *arg_tensors)):
+    if acc is not None:
+        # The parameters enter once per chunked call, through the handle (see _Chunks).
+        seg.acc, seg.params, dummy = acc, acc.params, [handle]
+        seg.n_in = (len(arg_tensors), len(state_tensors), 0, 1)
+    elif module is None and not any(t.requires_grad for t in (x, *arg_tensors)):
         # A closure may use parameters: keep the segment in the graph (Invariant 5).
         dummy = [torch.empty(0, requires_grad=True)]
-    seg.n_in = (len(arg_tensors), len(state_tensors), len(seg.params), len(dummy))
-    outs = _GCFunction.apply(seg, x, *arg_tensors, *state_tensors, *seg.params, *dummy)
+    if acc is None:
+        seg.n_in = (len(arg_tensors), len(state_tensors), len(seg.params), len(dummy))
+    params = seg.params if acc is None else []
+    outs = _GCFunction.apply(seg, x, *arg_tensors, *state_tensors, *params, *dummy)
     n_out = sum(v is _SLOT for v in seg.out_template)
     out = _merge(seg.out_template, outs[:n_out])
     if stateful:
@@ -581,7 +705,9 @@ class TCGCContainer(GCContainer):
     Splits the first ``n_seq_inputs`` inputs along dim 0 (time) into
     ``min(n_chunk, T)`` chunks, runs each chunk as a GC segment with the state
     passed from chunk to chunk, and concatenates the ``n_outputs`` outputs along
-    dim 0. Only one chunk's graph exists at a time in backward.
+    dim 0. Only one chunk's graph exists at a time in backward; the input
+    gradient is assembled once at the end, and the chunks' parameter gradients
+    are summed in place and leave the call once (see the module docstring).
 
     Args:
         x_compressor: Spike compressor (``None``: :class:`NullSpikeCompressor`).
@@ -619,6 +745,13 @@ class TCGCContainer(GCContainer):
             f"n_outputs={self.n_outputs}"
         )
 
+    def _chunk_forward(self, acc, handle, x, *args):
+        if acc is None:
+            return super().forward(x, *args)
+        return _checkpoint(
+            self.super_forward, self.x_compressor, x, args, self, _has_state(self), self._super_forward_boxed, acc, handle
+        )
+
     def forward(self, x_seq, *args):
         """Run the chunks one after another; returns one tensor or ``n_outputs`` tensors."""
         n_seq = self.n_seq_inputs
@@ -644,10 +777,18 @@ class TCGCContainer(GCContainer):
                 f"snnkit.memopt: TCGCContainer n_chunk={self.n_chunk} is larger than T={T}; using {n} chunks",
                 stacklevel=2,
             )
-        pieces = [torch.tensor_split(s, n) for s in seqs]
+        acc = None
+        params = [p for p in self.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (params or any(s.requires_grad for s in seqs)):
+            acc = _ParamAccumulator(params)
+            *flat, handle = _Chunks.apply(acc, n, len(seqs), *seqs, *params)
+            pieces = [flat[i * n : (i + 1) * n] for i in range(len(seqs))]
+            del flat
+        else:
+            pieces, handle = [torch.tensor_split(s, n) for s in seqs], None
         outs = []
         for k in range(n):
-            out = super().forward(*(p[k] for p in pieces), *rest)
+            out = self._chunk_forward(acc, handle, *(p[k] for p in pieces), *rest)
             outs.append((out,) if isinstance(out, _Tensor) else tuple(out))
             del out
         if any(len(o) != self.n_outputs for o in outs):
