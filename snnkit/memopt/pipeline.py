@@ -74,9 +74,9 @@ which is what brings that net to 32 MiB (3.2x). What remains at the peak
 * one chunk's recompute: convolution and BatchNorm outputs, ``h_seq``, the
   max-pool input (decompressed) and indices (int64), their gradients (about
   12 MiB);
-* parameter gradients. Inside a temporal segment every chunk produces a full
-  gradient of the segment's parameters and autograd adds them up, so up to 3
-  copies of a weight gradient are alive at once. On the 8-block VGG
+* parameter gradients. A temporal segment adds its chunks' parameter
+  gradients in place into one sum and returns it once, but the gradients of
+  all weights are alive by the end of backward. On the 8-block VGG
   (35.4 MiB of float32 weights, 512-channel 3x3 convolutions of 9 MiB each)
   this dominates: the parameter gradients (35.4 MiB) and the neurons' final
   states (7.9 MiB) alone are 43.3 MiB, more than its 6x target (42.2 MiB), so
