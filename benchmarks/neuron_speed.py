@@ -14,21 +14,24 @@ from snnkit import neuron
 SHAPES = [(8, 32, 4096), (32, 16, 4096)]
 
 
-def time_fwd_bwd(node, x, grad, reset, repeat):
-    def once():
-        reset()
-        x.grad = None
-        node(x).backward(grad)
+def time_fwd_bwd(nodes, x, grad, repeat):
+    """Median ms of forward+backward per node; the nodes take turns, so load hits all alike."""
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeat):
+    def once(node):
+        node.reset()
+        x.grad = None
         t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]  # median, ms
+        node(x).backward(grad)
+        return time.perf_counter() - t0
+
+    for _ in range(10):  # warm up allocator and thread pool
+        for node in nodes:
+            once(node)
+    times = [[] for _ in nodes]
+    for _ in range(repeat):
+        for i, node in enumerate(nodes):
+            times[i].append(once(node))
+    return [1e3 * sorted(t)[len(t) // 2] for t in times]
 
 
 def spikingjelly_node():
@@ -53,11 +56,11 @@ def main():
         torch.manual_seed(0)
         x = (torch.rand(shape) * 1.5).requires_grad_()
         grad = torch.randn(shape)
-        t_ours = time_fwd_bwd(ours, x, grad, ours.reset, args.repeat)
         if theirs is None:
+            (t_ours,) = time_fwd_bwd([ours], x, grad, args.repeat)
             print(f"{'x'.join(map(str, shape)):>16} {t_ours:9.2f} {'(absent)':>13} {'-':>9}")
             continue
-        t_theirs = time_fwd_bwd(theirs, x, grad, theirs.reset, args.repeat)
+        t_ours, t_theirs = time_fwd_bwd([ours, theirs], x, grad, args.repeat)
         print(f"{'x'.join(map(str, shape)):>16} {t_ours:9.2f} {t_theirs:13.2f} {t_theirs / t_ours:8.2f}x")
 
 
