@@ -25,8 +25,8 @@ def check_available() -> None:
         import cupy  # noqa: F401
     except ImportError as e:
         raise RuntimeError(
-            "backend='cupy' needs CuPy, which is not installed: pip install 'snnkit[cuda12]' "
-            "(or 'snnkit[cuda13]' for CUDA 13), or use backend='torch'"
+            "backend='cupy' needs CuPy, which is not installed: pip install cupy-cuda12x "
+            "(the 'cuda12' extra; cupy-cuda13x for CUDA 13), or use backend='torch'"
         ) from e
     if not torch.cuda.is_available():
         raise RuntimeError(
