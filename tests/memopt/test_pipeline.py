@@ -19,7 +19,7 @@ from snnkit.memopt import (
     memory_optimization,
     unwrap_gc,
 )
-from snnkit.memopt import pipeline
+from snnkit.memopt import _planner, _wrapping
 
 T, N = 4, 2
 
@@ -231,8 +231,8 @@ def test_spatial_split_is_exact_and_unwraps():
     x = (torch.rand(T, N, 2, 6, 6) > 0.6).double()
     ref = _grads(copy.deepcopy(net), x)
     block = net[1]
-    parts = [pipeline._wrap(p, c) for p, c in zip(block.__spatial_split__(), [BitSpikeCompressor(), None])]
-    net[1] = pipeline._SpatialSplit(block, parts)
+    parts = [_wrapping._wrap(p, c) for p, c in zip(block.__spatial_split__(), [BitSpikeCompressor(), None])]
+    net[1] = _wrapping._SpatialSplit(block, parts)
     apply_gc(net, ConvBlock, compress="bit")
     _assert_same(_grads(net, x), ref)
     unwrap_gc(net)
@@ -244,7 +244,7 @@ def test_temporal_split_is_exact_without_batchnorm(n_chunk):
     net = nn.Sequential(Block(5, 7), Block(7, 7), layer.Linear(7, 2, step_mode="m"))
     x = (torch.rand(T, N, 5) > 0.5).double()
     ref = _grads(copy.deepcopy(net), x)
-    net[1] = pipeline._wrap(net[1], BitSpikeCompressor(), n_chunk=n_chunk)
+    net[1] = _wrapping._wrap(net[1], BitSpikeCompressor(), n_chunk=n_chunk)
     assert isinstance(net[1], TCGCContainer) and net[1].n_chunk == n_chunk
     _assert_same(_grads(net, x), ref)
     unwrap_gc(net)
@@ -270,14 +270,14 @@ def test_temporal_segment_over_consecutive_blocks_is_exact(n_chunk):
     x = (torch.rand(T, N, 5) > 0.5).double()
     ref = _grads(copy.deepcopy(net), x)
     originals = list(net)
-    blocks = [pipeline._Block(s) for s in pipeline._find_blocks(net, Block)]
+    blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, Block)]
     for b in blocks:
         b.calls, b.x, b.binary = 1, torch.zeros(T, 1), True
-    chains = pipeline._chains(blocks)
+    chains = _planner._chains(blocks)
     assert [len(c) for c in chains] == [4]
     groups = [(0, 3, n_chunk), (3, 4, "plain")]
-    pipeline._put_groups(chains[0], groups, "auto")
-    assert isinstance(net[0], GCContainer) and len(net[0]) == 3 and isinstance(net[1], pipeline._Merged)
+    _planner._put_groups(chains[0], groups, "auto")
+    assert isinstance(net[0], GCContainer) and len(net[0]) == 3 and isinstance(net[1], _wrapping._Merged)
     assert isinstance(net[0], TCGCContainer) == (n_chunk is not None) and net[3] is originals[3]
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for m in originals for p in m.parameters())
     _assert_same(_grads(net, x), ref)
@@ -303,7 +303,7 @@ def test_planner_makes_temporal_segments_and_reports_them():
     merged = [r for r in s.rows if r["segment"] != r["path"]]
     assert merged, "expected a temporal segment over several blocks on this net"
     for r in merged:
-        assert isinstance(net[int(r["path"])], pipeline._Merged) and r["action"] == "temporal"
+        assert isinstance(net[int(r["path"])], _wrapping._Merged) and r["action"] == "temporal"
         head = net[int(r["segment"])]
         assert isinstance(head, TCGCContainer) and head.n_chunk == r["parts"] and len(head) >= 2
     # the one-sample estimate, scaled to the batch, is close to the measured peak
@@ -332,11 +332,11 @@ def test_cut_step_measures_known_sizes():
     block = nn.Sequential(layer.Linear(16, 32, bias=False, step_mode="m"), neuron.IFNode(step_mode="m"))
     net = nn.Sequential(block)
     x = torch.rand(T, N, 16)
-    blocks = [pipeline._Block(s) for s in pipeline._find_blocks(net, nn.Sequential)]
+    blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, nn.Sequential)]
     for b in blocks:
-        b.site.put(pipeline._wrap(b.block, NullSpikeCompressor()))
-    with pipeline._StateGuard(net):
-        pipeline._cut_step(net, blocks, (x,), None)
+        b.site.put(_wrapping._wrap(b.block, NullSpikeCompressor()))
+    with _wrapping._StateGuard(net):
+        _planner._cut_step(net, blocks, (x,), None)
     b = blocks[0]
     assert b.calls == 1 and b.in_bytes == T * N * 16 * 4 and b.out_bytes == T * N * 32 * 4
     # plain keeps the Linear input and the IF neuron's h_seq (one float per output element)
@@ -371,11 +371,11 @@ def test_summary_contents_and_state_untouched():
         if r["action"] == "unwrapped":
             assert isinstance(module, ConvBlock) and r["compressor"] == "-" and r["recompute_s"] == 0
         elif r["action"] == "temporal" and r["segment"] != r["path"]:
-            assert isinstance(module, pipeline._Merged)
+            assert isinstance(module, _wrapping._Merged)
         elif r["action"] == "temporal":
             assert isinstance(module, TCGCContainer) and module.n_chunk == r["parts"]
         elif r["action"] == "spatial":
-            assert isinstance(module, pipeline._SpatialSplit) and len(module) == r["parts"] == 2
+            assert isinstance(module, _wrapping._SpatialSplit) and len(module) == r["parts"] == 2
         else:
             assert type(module) is GCContainer and type(module.x_compressor).__name__ == r["compressor"]
     assert s.rows[0]["action"] == "unwrapped" or "BitSpikeCompressor" in s.rows[0]["compressor"]

@@ -1,0 +1,578 @@
+"""Private: the planner behind :func:`~snnkit.memopt.memory_optimization` (cost model, measuring, search).
+
+How it measures and what limits it is described in :mod:`snnkit.memopt.pipeline`.
+"""
+import copy
+import dataclasses
+import logging
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import base
+from ..base import StepModule
+from ._wrapping import (
+    _choose_compressor,
+    _group,
+    _is_binary,
+    _Merged,
+    _nbytes,
+    _run,
+    _Site,
+    _SpatialSplit,
+    _StateGuard,
+    _tensors,
+    _wrap,
+)
+from .compress import BaseSpikeCompressor, NullSpikeCompressor
+from .tracker import MemoryTracker
+
+_log = logging.getLogger(__package__ + ".pipeline")  # the planner logs under the public module's name
+
+
+# ----------------------------------------------------------------------------- planner: data
+
+
+@dataclasses.dataclass
+class _Cost:
+    """Bytes a block costs in one configuration (see the module docstring)."""
+
+    retained: int  # kept from the block's forward until its backward
+    fwd: int  # forward peak above the live bytes at its entry (output included)
+    bwd: int  # backward peak above the live bytes at its start
+
+
+class _Block:
+    """One planner unit: a block, its recorded input and its costs per configuration."""
+
+    def __init__(self, site: _Site):
+        self.site, self.block, self.path = site, site.block, site.path
+        self.calls = 0
+        self.x: Optional[torch.Tensor] = None
+        self.state: List[Any] = []
+        self.binary = False
+        self.in_bytes = self.out_bytes = self.state_bytes = 0
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.block.parameters() if p.requires_grad)
+        self.t_fwd = self.t_bwd = 0.0
+        self.costs: Dict[Any, _Cost] = {}
+        self.modules: Dict[Any, nn.Module] = {}
+        self.compressors: Dict[Any, str] = {}
+        self.config: Any = "gc"
+        self.tried = False
+        self.scale = 1.0  # measured on a slice of the batch: bytes and times times this
+
+    def scaled(self, nbytes: int, fixed: int = 0) -> int:
+        """Bytes at the full batch from bytes measured on the slice (``fixed``: batch-independent part)."""
+        return int(round(fixed + (nbytes - fixed) * self.scale))
+
+    def rescale(self, scale: float) -> None:
+        self.scale = scale
+        for name in ("in_bytes", "out_bytes", "state_bytes", "fwd_gc", "plain_saved", "plain_new"):
+            setattr(self, name, self.scaled(getattr(self, name)))
+        self.bwd_gc = self.scaled(self.bwd_gc, self.param_bytes)
+        self.t_fwd, self.t_bwd = self.t_fwd * scale, self.t_bwd * scale
+
+    @property
+    def cost(self) -> _Cost:
+        return self.costs[self.config]
+
+    def multistep(self) -> bool:
+        steps = [m for m in self.block.modules() if isinstance(m, StepModule)]
+        return bool(steps) and all(m.step_mode == "m" for m in steps) and self.x is not None and self.x.dim() >= 2
+
+
+def _model_events(blocks: List[_Block]) -> List[int]:
+    peaks, before = [], 0
+    grads_after = sum(b.param_bytes for b in blocks)
+    for b in blocks:
+        c = b.cost
+        grads_after -= b.param_bytes
+        peaks.append(max(before + b.in_bytes + c.fwd, before + c.retained + b.out_bytes + c.bwd + grads_after))
+        before += c.retained
+    return peaks
+
+
+def _model_peak(blocks: List[_Block]) -> Tuple[int, int, str]:
+    """Estimated step peak of the current plan: ``(bytes, block index, "forward" | "backward")``."""
+    best = (-1, 0, "forward")
+    before = 0
+    grads_after = sum(b.param_bytes for b in blocks)
+    for k, b in enumerate(blocks):
+        c = b.cost
+        grads_after -= b.param_bytes
+        fwd = before + b.in_bytes + c.fwd
+        bwd = before + c.retained + b.out_bytes + c.bwd + grads_after
+        best = max(best, (fwd, k, "forward"), (bwd, k, "backward"))
+        before += c.retained
+    return best
+
+
+class _Progress:
+    """tqdm when installed, else one line per stage on stderr; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar, self.enabled, self.total, self.n = None, enabled, total, 0
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc="memory_optimization", leave=False)
+
+    def step(self, stage: str) -> None:
+        self.n += 1
+        _log.debug("memory_optimization: %s", stage)
+        if self.bar is not None:
+            self.bar.set_postfix_str(stage)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"memory_optimization [{self.n}/{self.total}] {stage}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- planner: measuring
+
+
+def _loss(out, loss_fn) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(out)
+    outs = [t for t in _tensors(out) if t.requires_grad]
+    if not outs:
+        raise ValueError("snnkit.memopt: the net's output does not require grad, so there is no backward to plan for")
+    return sum(t.sum() for t in outs)
+
+
+class _SavedBytes:
+    """Saved-tensor hooks that add up the distinct storages autograd keeps (parameters excluded)."""
+
+    def __init__(self, exclude: set):
+        self.exclude, self.storages = exclude, {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.exclude:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.hooks.__exit__(*exc)
+
+
+def _batch_slice(net: nn.Module, inputs: tuple, batch_dim: Optional[int]) -> Tuple[tuple, float]:
+    """The inputs cut to one sample along the batch dimension, and the batch size (the scale)."""
+    if batch_dim is None:
+        batch_dim = int(any(isinstance(m, StepModule) and m.step_mode == "m" for m in net.modules()))
+    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    if first is None or first.dim() <= batch_dim or first.shape[batch_dim] <= 1:
+        return inputs, 1.0
+    n = first.shape[batch_dim]
+    cut = tuple(
+        t.narrow(batch_dim, 0, 1) if isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == n else t
+        for t in inputs
+    )
+    return cut, float(n)
+
+
+def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> float:
+    """One training step of the layer-wise GC net, cut at every block (see the module docstring).
+
+    Fills each block's input, state, sizes, times and ``gc``/``plain`` measurements; returns its wall time.
+    """
+    by_id = {id(b.site.parent._modules[b.site.name]): b for b in blocks}
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    cuts, open_trackers, handles = [], [], []
+
+    def pre(container, args):
+        b = by_id[id(container)]
+        b.calls += 1
+        xs = _tensors(args)
+        b.x = xs[0].detach() if xs else None
+        b.binary, b.in_bytes = _is_binary(b.x), _nbytes(b.x)
+        b.state = base.extract_memories(b.block)
+        b.state_bytes = _nbytes(b.state)
+        tracker = MemoryTracker()
+        tracker.__enter__()
+        open_trackers.append((tracker, time.perf_counter()))
+
+    def post(container, args, out):
+        b = by_id[id(container)]
+        tracker, t0 = open_trackers.pop()
+        tracker.__exit__(None, None, None)
+        b.t_fwd, b.fwd_gc = time.perf_counter() - t0, tracker.peak_bytes
+        b.out_bytes = _nbytes(out)
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return None
+        leaf = out.detach().requires_grad_()
+        cuts.append((b, out, leaf))
+        return leaf
+
+    for b in blocks:
+        container = b.site.parent._modules[b.site.name]
+        handles += [container.register_forward_pre_hook(pre), container.register_forward_hook(post)]
+    t_start = time.perf_counter()
+    try:
+        out = _run(net, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        while open_trackers:
+            open_trackers.pop()[0].__exit__(None, None, None)
+    loss = _loss(out, loss_fn)
+    del out
+    loss.backward()
+    del loss
+    while cuts:
+        b, out, leaf = cuts.pop()
+        grad, leaf.grad = leaf.grad, None
+        if grad is None:
+            continue
+        t0 = time.perf_counter()
+        with _SavedBytes(params) as saved, MemoryTracker() as tracker:
+            torch.autograd.backward(out, grad)
+        b.t_bwd, b.bwd_gc = time.perf_counter() - t0, tracker.peak_bytes
+        x_ptr = b.x.untyped_storage().data_ptr() if b.x is not None else None
+        b.plain_saved = sum(saved.storages.values())
+        b.plain_new = b.plain_saved - (b.in_bytes if x_ptr in saved.storages else 0)
+        del out, leaf, grad
+    return time.perf_counter() - t_start
+
+
+def _measure_candidate(b: _Block, module: nn.Module) -> _Cost:
+    """Run ``module`` (a replacement of block ``b``) alone on the block's recorded input: its costs."""
+    base.load_memories(b.block, b.state)
+    x = b.x.detach().requires_grad_(b.x.is_floating_point())
+    with MemoryTracker() as tracker:
+        out = module(x)
+    fwd, retained = tracker.peak_bytes, tracker.retained_bytes - _nbytes(out)
+    with MemoryTracker() as tracker:
+        out.backward(torch.ones_like(out))
+    for p in module.parameters():
+        p.grad = None
+    return _Cost(max(b.scaled(retained), 0), b.scaled(fwd), b.scaled(tracker.peak_bytes, b.param_bytes))
+
+
+def _compressed_bytes(comp: BaseSpikeCompressor, x: torch.Tensor) -> int:
+    if isinstance(comp, NullSpikeCompressor):
+        return 0
+    try:
+        return int(comp.compress(x).nbytes)
+    except (ValueError, RuntimeError):
+        return x.numel() * x.element_size()
+
+
+def _gc_and_plain_costs(b: _Block, comp: BaseSpikeCompressor) -> None:
+    packed = b.scaled(_compressed_bytes(comp, b.x))
+    null = isinstance(comp, NullSpikeCompressor)
+    kept = (b.in_bytes if null else packed) + b.state_bytes
+    b.costs["gc"] = _Cost(kept, b.fwd_gc + packed, b.bwd_gc + (0 if null else b.in_bytes))
+    b.costs["plain"] = _Cost(b.plain_saved + b.state_bytes, b.fwd_gc + b.plain_new, max(0, b.bwd_gc - b.plain_new))
+    b.compressors["gc"] = type(comp).__name__
+    b.compressors["plain"] = "-"
+
+
+def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
+    split = getattr(block, "__spatial_split__", None)
+    if callable(split):
+        parts = list(split())
+        if not all(isinstance(p, nn.Module) for p in parts):
+            raise TypeError(f"snnkit.memopt: {type(block).__name__}.__spatial_split__() must return nn.Modules")
+    elif isinstance(block, nn.Sequential):
+        parts = list(block)
+    else:
+        return None
+    return parts if len(parts) >= 2 else None
+
+
+def _spatial_candidate(b: _Block, compress, comp: BaseSpikeCompressor) -> Optional[nn.Module]:
+    parts = _spatial_parts(b.block)
+    if parts is None:
+        return None
+    base.load_memories(b.block, b.state)
+    binary, h = [], b.x
+    with torch.no_grad():
+        for part in parts:
+            binary.append(_is_binary(h))
+            h = part(h)
+    comps = [comp if i == 0 and getattr(p, "x_compressor", None) is None else _choose_compressor(p, compress, binary[i])
+             for i, p in enumerate(parts)]
+    b.compressors[("spatial", len(parts))] = "/".join(type(c).__name__ for c in comps)
+    return _SpatialSplit(b.block, [_wrap(p, c) for p, c in zip(parts, comps)])
+
+
+def _measure(b: _Block, key, module: Optional[nn.Module]) -> bool:
+    """Measure candidate ``key`` of ``b``; False when there is none or it does not lower the block's own peak."""
+    if module is None:
+        return False
+    b.costs[key], b.modules[key] = _measure_candidate(b, module), module
+    old, b.config = b.config, key
+    own = _model_events([b])[0]
+    b.config = old
+    _log.debug("memory_optimization: %s as %s -> own peak %d", b.path, key, own)
+    return True
+
+
+def _objective(blocks: List[_Block]) -> List[int]:
+    """Estimated peaks of all blocks, highest first: compared lexicographically (the peak, then the next...)."""
+    return sorted(_model_events(blocks), reverse=True)
+
+
+def _descend(blocks: List[_Block]) -> None:
+    """Coordinate descent over the measured configurations (never ``plain``): only better objectives are kept."""
+    for _ in range(3):
+        changed = False
+        for b in blocks:
+            keys = [k for k in b.costs if k != "plain"]
+            best_key, best = b.config, _objective(blocks)
+            for key in keys:
+                b.config = key
+                obj = _objective(blocks)
+                if obj < best:
+                    best_key, best = key, obj
+            changed |= best_key != b.config
+            b.config = best_key
+        if not changed:
+            return
+
+
+# ----------------------------------------------------------------------------- planner: search
+
+
+def _plan(blocks: List[_Block], level: int, compress, temporal: bool, progress: _Progress, split: bool = True) -> int:
+    if level >= 2 and split:
+        progress.step("split the peak segment")
+        while True:
+            _, k, phase = _model_peak(blocks)
+            b = blocks[k]
+            if b.tried:
+                break
+            b.tried = True
+            _log.debug("memory_optimization: the peak is in the %s of %s", phase, b.path)
+            comp = _choose_compressor(b.block, compress, b.binary)
+            if not isinstance(comp, NullSpikeCompressor):  # replace the estimate by a measurement
+                b.costs["gc"] = _measure_candidate(b, _wrap(b.block, copy.deepcopy(comp)))
+            _measure(b, ("spatial", 0), _spatial_candidate(b, compress, comp))
+            if level >= 3 and temporal and b.multistep():
+                n, own = 2, _model_events([b])[0]
+                while n <= b.x.shape[0]:
+                    b.compressors[("temporal", n)] = type(comp).__name__
+                    _measure(b, ("temporal", n), _wrap(b.block, copy.deepcopy(comp), n_chunk=n))
+                    old, b.config = b.config, ("temporal", n)
+                    now = _model_events([b])[0]
+                    b.config = old
+                    if now >= own:
+                        break
+                    n, own = n * 2, now
+            _descend(blocks)
+    best = _model_peak(blocks)[0]
+    if level >= 4:
+        progress.step("greedy unwrap")
+        order = sorted(
+            (b for b in blocks if b.calls == 1),
+            key=lambda b: (b.costs["plain"].retained - b.cost.retained) / max(b.t_fwd, 1e-9),
+        )
+        for b in order:
+            old, b.config = b.config, "plain"
+            peak = _model_peak(blocks)[0]
+            if peak <= best:
+                best = peak
+                _log.debug("memory_optimization: unwrapped %s -> estimated peak %d", b.path, peak)
+            else:
+                b.config = old
+    return best
+
+
+def _chains(blocks: List[_Block]) -> List[List[_Block]]:
+    """Runs of blocks that are consecutive children of one ``nn.Sequential`` (each run once, multi-step)."""
+    chains: List[List[_Block]] = []
+    for b in blocks:
+        ok = b.calls == 1 and isinstance(b.site.parent, nn.Sequential) and b.multistep()
+        b.steps = b.x.shape[0] if ok else 0
+        prev = chains[-1][-1] if chains else None
+        if ok and prev is not None and prev.site.parent is b.site.parent:
+            names = list(b.site.parent._modules)
+            if names.index(b.site.name) == names.index(prev.site.name) + 1:
+                chains[-1].append(b)
+                continue
+        if ok:
+            chains.append([b])
+    return [c for c in chains if len(c) >= 2]
+
+
+def _family(chain: List[_Block], size: int, n_chunk: int, plain_tail: int = 0) -> List[Tuple[int, int, Any]]:
+    """Groups ``(start, end, kind)`` of ``size`` blocks, each a temporal segment, the last ``plain_tail`` plain."""
+    groups = [(k, min(k + size, len(chain)), n_chunk) for k in range(0, len(chain), size)]
+    for start, end, _ in groups[len(groups) - plain_tail :] if plain_tail else []:
+        groups.remove((start, end, n_chunk))
+        groups += [(i, i + 1, "plain") for i in range(start, end)]
+    return groups
+
+
+def _put_groups(chain: List[_Block], groups, compress) -> None:
+    for start, end, kind in groups:
+        head = chain[start]
+        if kind == "plain":
+            for b in chain[start:end]:
+                b.site.put(b.block)
+            continue
+        comp = _choose_compressor(head.block, compress, head.binary)
+        head.site.put(_group([b.block for b in chain[start:end]], comp, kind))
+        for b in chain[start + 1 : end]:
+            b.site.put(_Merged(b.block))
+
+
+class _ScaledTracker(MemoryTracker):
+    """A tracker whose :attr:`scaled_peak` is the peak of ``fixed + scale * rest`` bytes.
+
+    ``fixed`` are storages of tensors shaped like a parameter (parameter
+    gradients and their per-chunk copies, which do not grow with the batch),
+    ``rest`` everything else: on a one-sample step with ``scale`` the batch
+    size this estimates the peak of the full batch.
+    """
+
+    def __init__(self, scale: float, fixed_shapes: set):
+        super().__init__()
+        self.scale, self.fixed_shapes = scale, fixed_shapes
+        self.scaled_peak, self._fixed, self._rest, self._kind, self._next = 0.0, 0, 0, {}, False
+
+    def _track(self, t: torch.Tensor) -> None:
+        self._next = tuple(t.shape) in self.fixed_shapes
+        super()._track(t)
+
+    def _add(self, storage, is_new: bool) -> None:
+        key = storage._cdata
+        if storage.nbytes() == 0 or key in self._live:
+            return
+        super()._add(storage, is_new)
+        self._kind[key] = (self._next, storage.nbytes())
+        if self._next:
+            self._fixed += storage.nbytes()
+        else:
+            self._rest += storage.nbytes()
+        self.scaled_peak = max(self.scaled_peak, self._fixed + self.scale * self._rest)
+
+    def _free(self, key) -> None:
+        kind = self._kind.pop(key, None)
+        if kind is not None and self._active:
+            if kind[0]:
+                self._fixed -= kind[1]
+            else:
+                self._rest -= kind[1]
+        super()._free(key)
+
+
+def _sample_peak(net: nn.Module, inputs: tuple, loss_fn, scale: float = 1.0) -> int:
+    """Peak live tensor bytes of one real training step, scaled to the batch (state and gradients left alone)."""
+    shapes = {tuple(p.shape) for p in net.parameters() if p.requires_grad}
+    with _StateGuard(net):
+        for p in net.parameters():
+            p.grad = None
+        with _ScaledTracker(scale, shapes) as tracker:
+            _loss(_run(net, inputs), loss_fn).backward()
+    return int(round(tracker.scaled_peak))
+
+
+def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scale: float, best: int,
+                   max_trials: int):
+    """Temporal segments over consecutive blocks, measured by real steps on ``inputs`` (one sample).
+
+    From segments of 2 blocks and 4 chunks, the last segments of each chain
+    are unwrapped, then larger segments and more chunks are tried; every
+    candidate is one step, and the search stops after ``max_trials`` candidates
+    or when ``deadline`` passes (the first candidate always runs). ``best``
+    is the estimated peak of the current plan. Returns ``(peak, {chain index:
+    groups})``; ``{}`` keeps the current plan.
+    """
+    saved = [b.site.parent._modules[b.site.name] for c in chains for b in c]
+    longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
+    tried: Dict[Tuple[int, int, int], int] = {}
+
+    def trial(size, n, tail=0) -> int:
+        key = (size, n, tail)
+        if key not in tried:
+            for chain in chains:
+                _put_groups(chain, _family(chain, size, min(n, chain[0].steps), tail), compress)
+            tried[key] = _sample_peak(net, inputs, loss_fn, scale)
+            _log.debug("memory_optimization: %d-block temporal segments of %d chunks, last %d plain -> %d",
+                       size, n, tail, tried[key])
+        return tried[key]
+
+    try:
+        return _climb(trial, tried, best, longest, steps, deadline, chains, max_trials)
+    finally:  # back to the plan of the analytic stages; the caller applies the choice
+        k = 0
+        for chain in chains:
+            for b in chain:
+                b.site.put(saved[k])
+                k += 1
+
+
+def _climb(trial, tried, best, longest, steps, deadline, chains, max_trials):
+    def more() -> bool:
+        return time.perf_counter() <= deadline and len(tried) < max_trials
+
+    if trial(2, 4) >= best:
+        return best, {}
+    best, (size, n), tail = tried[(2, 4, 0)], (2, 4), 0
+    groups = min(-(-len(c) // size) for c in chains)
+    while more() and tail + 1 < groups:  # unwrap the last segments while the peak does not rise
+        if trial(size, n, tail + 1) > best:
+            break
+        best, tail = tried[(size, n, tail + 1)], tail + 1
+    moved = True
+    while moved and more():  # then larger segments or more chunks, while the peak goes down
+        moved = False
+        for cand in ((size + 1, n), (size, 2 * n)):
+            if 1 <= cand[0] <= longest and 2 <= cand[1] <= steps and cand + (tail,) not in tried and more():
+                if trial(*cand, tail) < best:
+                    best, (size, n), moved = tried[(*cand, tail)], cand, True
+                    break
+    return best, {i: _family(c, size, min(n, c[0].steps), tail) for i, c in enumerate(chains)}
+
+
+def _realize(b: _Block, compress) -> nn.Module:
+    if b.config == "plain":
+        return b.block
+    if b.config == "gc":
+        return _wrap(b.block, _choose_compressor(b.block, compress, b.binary))
+    return b.modules[b.config]
+
+
+def _row(b: _Block) -> Dict[str, Any]:
+    if getattr(b, "group", None) is not None and b.group[1] != "plain":
+        head, n = b.group
+        return {
+            "path": b.path,
+            "type": type(b.block).__name__,
+            "action": "temporal",
+            "parts": n,
+            "compressor": b.compressors.get("gc", "-") if head == b.path else "-",
+            "retained_bytes": 0,
+            "recompute_s": b.t_fwd,
+            "segment": head,
+        }
+    key = b.config
+    action = {"plain": "unwrapped", "gc": "gc"}.get(key) if isinstance(key, str) else key[0]
+    parts = len(b.modules[key]) if action == "spatial" else (key[1] if action == "temporal" else 1)
+    return {
+        "path": b.path,
+        "type": type(b.block).__name__,
+        "action": action,
+        "parts": parts,
+        "compressor": b.compressors.get(key, "-"),
+        "retained_bytes": b.cost.retained,
+        "recompute_s": 0.0 if key == "plain" else b.t_fwd,
+        "segment": b.path,
+    }

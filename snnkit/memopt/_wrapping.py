@@ -1,0 +1,232 @@
+"""Private: wrapping blocks in GC segments, finding them, and probing a net (used by pipeline and _planner)."""
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import base
+from . import compress as _compress
+from .checkpointing import GCContainer, TCGCContainer
+from .compress import BaseSpikeCompressor, BitSpikeCompressor, NullSpikeCompressor
+
+_MARK = "_snnkit_auto_gc"  # set on every container that apply_gc / memory_optimization made
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _tensors(obj) -> List[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _nbytes(obj) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _is_binary(x) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and x.numel() > 0
+        and bool(((x == 0) | (x == 1)).all())
+    )
+
+
+def _check_block_types(block_types) -> Tuple[type, ...]:
+    types = tuple(block_types) if isinstance(block_types, (tuple, list, set)) else (block_types,)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise TypeError(
+            f"snnkit.memopt: block_types must be an nn.Module subclass or a tuple of them, got {block_types!r}"
+        )
+    return types
+
+
+def _check_compress(compress) -> None:
+    if compress is None or compress in ("auto", "bit") or isinstance(compress, BaseSpikeCompressor):
+        return
+    raise ValueError(
+        f"snnkit.memopt: compress must be 'auto', 'bit', None or a BaseSpikeCompressor instance, got {compress!r}"
+    )
+
+
+def _as_inputs(dummy_input) -> tuple:
+    return tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
+
+
+def _shapes(inputs) -> str:
+    return ", ".join(str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
+
+
+def _run(net: nn.Module, inputs: tuple):
+    try:
+        return net(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(
+            f"snnkit.memopt: {type(net).__name__} failed on dummy_input of shape {_shapes(inputs)} ({e}); "
+            "pass an input the net accepts (multi-step nets take [T, N, ...])"
+        ) from e
+
+
+def _is_ours(m: nn.Module) -> bool:
+    return bool(getattr(m, _MARK, False))
+
+
+class _Site:
+    """Where a block lives: ``parent.<name>``, dotted ``path``."""
+
+    def __init__(self, parent, name, path, block):
+        self.parent, self.name, self.path, self.block = parent, name, path, block
+
+    def put(self, module: nn.Module) -> None:
+        setattr(self.parent, self.name, module)
+
+
+def _find_blocks(net: nn.Module, types: Tuple[type, ...]) -> List[_Site]:
+    sites: List[_Site] = []
+
+    def walk(parent, prefix):
+        for name, child in parent.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, GCContainer) or _is_ours(child):
+                continue  # already a GC segment: never wrap twice, never look inside
+            if isinstance(child, types):
+                sites.append(_Site(parent, name, path, child))
+            else:
+                walk(child, path + ".")
+
+    walk(net, "")
+    return sites
+
+
+class _StateGuard:
+    """Snapshot memories, buffers, RNG and gradients and reset the memories; put everything back on exit."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def __enter__(self):
+        net = self.net
+        self.mem = base.extract_memories(net)
+        self.buffers = [(b, b.detach().clone()) for b in net.buffers()]
+        self.grads = [(p, p.grad) for p in net.parameters()]
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        for m in net.modules():  # measure from a fresh state, as a training step starts
+            if isinstance(m, base.MemoryModule):
+                m.reset()
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        for p, g in self.grads:
+            p.grad = g
+        base.load_memories(self.net, self.mem)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        return False
+
+
+def _probe_binary(net: nn.Module, blocks: Sequence[nn.Module], inputs: tuple) -> Dict[int, bool]:
+    """One no-grad forward: is each block's first tensor input binary? (id(block) -> bool)."""
+    seen: Dict[int, bool] = {}
+
+    def hook(module, args):
+        xs = _tensors(args)
+        seen[id(module)] = seen.get(id(module), True) and bool(xs) and _is_binary(xs[0])
+
+    handles = [b.register_forward_pre_hook(hook) for b in blocks]
+    try:
+        with _StateGuard(net), torch.no_grad():
+            _run(net, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _compressor_from_attr(block: nn.Module, value) -> BaseSpikeCompressor:
+    if isinstance(value, BaseSpikeCompressor):
+        return value
+    cls = getattr(_compress, value, None) if isinstance(value, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, BaseSpikeCompressor)):
+        raise ValueError(
+            f"snnkit.memopt: {type(block).__name__}.x_compressor must be a BaseSpikeCompressor instance or the "
+            f"name of a compressor class in snnkit.memopt.compress (e.g. 'BitSpikeCompressor'), got {value!r}"
+        )
+    return cls()
+
+
+def _choose_compressor(block: nn.Module, compress, binary: Optional[bool]) -> BaseSpikeCompressor:
+    override = getattr(block, "x_compressor", None)
+    if override is not None:
+        return _compressor_from_attr(block, override)
+    if compress is None:
+        return NullSpikeCompressor()
+    if isinstance(compress, BaseSpikeCompressor):
+        return copy.deepcopy(compress)
+    if compress == "bit" or binary:
+        return BitSpikeCompressor()
+    return NullSpikeCompressor()
+
+
+def _wrap(block: nn.Module, compressor: BaseSpikeCompressor, n_chunk: Optional[int] = None) -> nn.Module:
+    if n_chunk is None:
+        container = GCContainer(compressor, block)
+    else:
+        container = TCGCContainer(compressor, block, n_chunk=n_chunk)
+    setattr(container, _MARK, True)
+    container.train(block.training)
+    return container
+
+
+class _SpatialSplit(nn.Sequential):
+    """A block cut into parts that run one after another, each its own GC segment."""
+
+    def __init__(self, block: nn.Module, segments: Sequence[nn.Module]):
+        super().__init__(*segments)
+        self.__dict__["_block"] = block  # the original block, kept out of the module tree
+        setattr(self, _MARK, True)
+        self.train(block.training)
+
+
+class _Merged(nn.Module):
+    """Placeholder at the site of a block that runs inside the temporal segment of an earlier sibling."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.__dict__["_block"] = block  # kept out of the module tree: its parameters live in the segment
+        setattr(self, _MARK, True)
+        self.train(block.training)
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self) -> str:
+        return f"runs inside the temporal segment before it ({type(self.__dict__['_block']).__name__})"
+
+
+def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk: Optional[int]) -> nn.Module:
+    """Consecutive sibling blocks as one GC segment (``n_chunk``: temporal chunks)."""
+    container = _wrap(blocks[0], compressor, n_chunk)
+    for i, block in enumerate(blocks[1:], 1):
+        container.add_module(str(i), block)
+    return container
+
+
+def _original(container: nn.Module) -> nn.Module:
+    if isinstance(container, (_SpatialSplit, _Merged)):
+        block = container.__dict__["_block"]
+    else:
+        block = container[0]
+    block.train(container.training)
+    return block
