@@ -81,9 +81,29 @@ def multistep(
     """Run ``T`` steps over ``x_seq`` ``[T, N, *]`` from the state ``v`` ``[N, *]``.
 
     Returns ``(spike_seq, v_seq)`` with ``v_seq`` ``[T, N, *]`` if ``store_v_seq``,
-    else ``(spike_seq, v_last)``. Gradients flow to ``x_seq`` and ``v``.
+    else ``(spike_seq, v_last)``. Gradients flow to ``x_seq`` and ``v``; when
+    none is needed (``torch.no_grad()``, inference, the first forward of a GC
+    segment) nothing is kept for backward and ``h_seq`` is never stored.
     """
-    return _MultiStep.apply(x_seq, v, p, store_v_seq)
+    if torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad):
+        return _MultiStep.apply(x_seq, v, p, store_v_seq)
+    spike_seq, v_out, _ = _forward_loop(x_seq, v, p, store_v_seq, keep_h=False)
+    return spike_seq, v_out
+
+
+def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
+    """The forward time loop: ``(spike_seq, v_seq or v_last, h_seq or None)``, no graph."""
+    h_seq = torch.empty_like(x_seq) if keep_h else None
+    h_buf = None if keep_h else torch.empty_like(x_seq[0])
+    spike_seq = torch.empty_like(x_seq)
+    v_seq = torch.empty_like(x_seq) if store_v_seq else None
+    for t in range(x_seq.shape[0]):
+        h = charge(x_seq[t], v, p, out=h_seq[t] if keep_h else h_buf)
+        spike = torch.ge(h, p.v_threshold, out=spike_seq[t])  # float 0/1: Heaviside(h - V_th)
+        v = reset(h, spike, p)  # a new tensor, so h's buffer can be reused
+        if store_v_seq:
+            v_seq[t] = v
+    return spike_seq, (v_seq if store_v_seq else v), h_seq
 
 
 def _leak(p: NeuronParams) -> float:
@@ -96,18 +116,10 @@ class _MultiStep(torch.autograd.Function):
     # [T, N, *] allocation costs more than the arithmetic on it.
     @staticmethod
     def forward(ctx, x_seq, v, p, store_v_seq):
-        h_seq = torch.empty_like(x_seq)
-        spike_seq = torch.empty_like(x_seq)
-        v_seq = torch.empty_like(x_seq) if store_v_seq else None
-        for t in range(x_seq.shape[0]):
-            h = charge(x_seq[t], v, p, out=h_seq[t])
-            spike = torch.ge(h, p.v_threshold, out=spike_seq[t])  # float 0/1: Heaviside(h - V_th)
-            v = reset(h, spike, p)
-            if store_v_seq:
-                v_seq[t] = v
+        spike_seq, v_out, h_seq = _forward_loop(x_seq, v, p, store_v_seq, keep_h=True)
         ctx.save_for_backward(h_seq)
         ctx.p, ctx.store_v_seq = p, store_v_seq
-        return spike_seq, (v_seq if store_v_seq else v)
+        return spike_seq, v_out
 
     @staticmethod
     def backward(ctx, grad_spike_seq, grad_v):
