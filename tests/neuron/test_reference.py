@@ -117,3 +117,15 @@ def test_functions_do_not_modify_inputs():
     multistep(x, v, p)
     step(x[0], v, p)
     assert torch.equal(x, x0) and torch.equal(v, v00)
+
+
+@pytest.mark.parametrize("store_v_seq", [False, True])
+def test_no_grad_path_equals_autograd_path(store_v_seq):
+    p = NeuronParams("lif", 1.0, None, False, surrogate.ATan(), 2.0, False)
+    x = torch.rand(6, 3, 17) * 2
+    v0 = torch.rand(3, 17)
+    with torch.no_grad():
+        s_ng, v_ng = multistep(x, v0, p, store_v_seq)
+    s_g, v_g = multistep(x.clone().requires_grad_(), v0, p, store_v_seq)
+    assert s_g.requires_grad and not s_ng.requires_grad
+    assert torch.equal(s_ng, s_g) and torch.equal(v_ng, v_g)
