@@ -10,8 +10,15 @@
 * :mod:`~snnkit.memopt.pipeline`: :func:`apply_gc` / :func:`unwrap_gc` (per-layer
   switches) and the planner :func:`memory_optimization`.
 """
-from .._context import in_gc_1st_forward
-from .checkpointing import GCContainer, TCGCContainer, input_compressed_gc, query_autocast, to_gc_function
+from . import checkpointing, compress, pipeline, tracker
+from .checkpointing import (
+    GCContainer,
+    TCGCContainer,
+    in_gc_1st_forward,
+    input_compressed_gc,
+    query_autocast,
+    to_gc_function,
+)
 from .compress import (
     BaseSpikeCompressor,
     BitSpikeCompressor,
@@ -24,23 +31,4 @@ from .compress import (
 from .pipeline import MemOptSummary, apply_gc, memory_optimization, unwrap_gc
 from .tracker import MemoryTracker
 
-__all__ = [
-    "in_gc_1st_forward",
-    "query_autocast",
-    "input_compressed_gc",
-    "to_gc_function",
-    "GCContainer",
-    "TCGCContainer",
-    "BaseSpikeCompressor",
-    "CompressedSpikes",
-    "NullSpikeCompressor",
-    "BooleanSpikeCompressor",
-    "Uint8SpikeCompressor",
-    "BitSpikeCompressor",
-    "SparseSpikeCompressor",
-    "MemoryTracker",
-    "apply_gc",
-    "unwrap_gc",
-    "memory_optimization",
-    "MemOptSummary",
-]
+__all__ = [*checkpointing.__all__, *compress.__all__, *tracker.__all__, *pipeline.__all__]
