@@ -96,8 +96,8 @@ def test_demo_under_torchrun_with_two_gloo_ranks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "snnkit.examples.digits", "--epochs", "2", "--memopt", "layer",
-           "--quiet", "--json", "--out", str(tmp_path)]
+           "--master_port", str(port), "-m", "snnkit.examples.digits", *SMALL, "--memopt", "layer", "--json",
+           "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
