@@ -15,7 +15,11 @@ bytes still alive after the forward (what the graph and the state retain),
 their ratio to no GC, the step-time ratio to no GC (best of round-robin repeats,
 without the tracker), and whether all gradients equal the no-GC run.
 
-Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2]``.
+On CUDA (``--device cuda``) a second peak column gives the step's
+``torch.cuda.max_memory_allocated`` above what was allocated before it, the
+allocator's own view, against which the tracker is validated.
+
+Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2] [--device cuda]``.
 """
 import argparse
 import copy
@@ -166,28 +170,46 @@ def step(net, x, y, tracker=None):
     F.cross_entropy(out.mean(0), y).backward()
     del out
     reset(net)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return retained
+
+
+def cuda_peak(net, x, y):
+    """The step's ``torch.cuda.max_memory_allocated`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(net, x, y)
+    return torch.cuda.max_memory_allocated() - before
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     opts = parser.parse_args()
+    dev = torch.device(opts.device)
+    if dev.type == "cuda":  # deterministic convolutions, so that "exact" means bit-identical gradients
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if opts.threads:
         torch.set_num_threads(opts.threads)
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(T, N, C, H, H, generator=gen) < 0.15).float()  # Poisson-like events
     y = torch.randint(0, 10, (N,), generator=gen)
+    x, y = x.to(dev), y.to(dev)
     variants = build_variants()
-    rows, grads, times = {}, {}, {name: [] for name in variants}
+    rows, grads, times, alloc = {}, {}, {name: [] for name in variants}, {}
     for name, (net, ref) in variants.items():
-        net.train()
+        net.to(dev).train()
         step(net, x, y)  # warm-up
         with MemoryTracker() as mt:
             retained = step(net, x, y, mt)
         grads[name] = [p.grad.clone() for p in net.parameters()]
         rows[name] = (mt.peak_bytes, retained)
+        if dev.type == "cuda":
+            alloc[name] = cuda_peak(net, x, y)
     # Timing without the tracker, round robin over the variants, best of the repeats
     # (robust to other load on the machine).
     for _ in range(opts.repeat):
@@ -196,8 +218,10 @@ def main():
             step(net, x, y)
             times[name].append(time.perf_counter() - t0)
     times = {name: min(ts) for name, ts in times.items()}
-    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={N}, {C}, {H}, {H}], {torch.get_num_threads()} threads")
-    print(f"{'variant':28s} {'peak MiB':>9s} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio':>11s} {'step s':>7s}  grads equal")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={N}, {C}, {H}, {H}], {where}, torch {torch.__version__}")
+    cuda_col = f" {'cuda peak MiB':>14s}" if alloc else ""
+    print(f"{'variant':28s} {'peak MiB':>9s}{cuda_col} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio':>11s} {'step s':>7s}  grads equal")
     for name, (net, ref) in variants.items():
         peak, retained = rows[name]
         base_name = ref or name
@@ -205,8 +229,9 @@ def main():
         slow = times[name] / times[base_name]
         same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[name], grads[base_name]))
         exact = all(torch.equal(a, b) for a, b in zip(grads[name], grads[base_name]))
+        cuda_val = f" {alloc[name] / MiB:14.1f}" if alloc else ""
         print(
-            f"{name:28s} {peak / MiB:9.1f} {retained / MiB:14.2f} {ratio:10.2f}x {slow:10.2f}x {times[name]:7.3f}  "
+            f"{name:28s} {peak / MiB:9.1f}{cuda_val} {retained / MiB:14.2f} {ratio:10.2f}x {slow:10.2f}x {times[name]:7.3f}  "
             f"{'exact' if exact else 'close' if same else 'NO'}"
         )
     plain_saved, gc_saved = saved_bytes_ratio()

@@ -1,6 +1,6 @@
 """Automatic memory planning: no GC vs apply_gc vs memory_optimization vs SpikingJelly's planner.
 
-Run: ``python benchmarks/planner.py [--threads 2] [--nets vgg6,vgg8,sew]``.
+Run: ``python benchmarks/planner.py [--threads 2] [--nets vgg6,vgg8,sew] [--device cuda]``.
 
 For each net, one training step (forward, sum loss, backward) is measured with
 :class:`snnkit.memopt.MemoryTracker` (peak live tensor bytes, CPU included) and
@@ -8,8 +8,11 @@ timed (best of ``--repeat`` steps, all variants round-robin). Rows: the plain ne
 block a GC segment, compressors chosen by probing); ``memory_optimization``
 (level 4); SpikingJelly 2.0.0's ``optimize_memory`` on the same architecture
 built from SpikingJelly modules (its levels 2-4 profile on CUDA, so on CPU
-only level 1 runs). Columns: peak MiB, ratio to no GC, step-time ratio to no
+only level 1 runs; on CUDA level 4 with the blocks' spatial splits and
+temporal chunking allowed). Columns: peak MiB, ratio to no GC, step-time ratio to no
 GC, planning seconds (best of ``--repeat`` plans) and planning time in plain steps.
+On CUDA a column adds the step's ``torch.cuda.max_memory_allocated`` above
+what was allocated before it, to validate the tracker against the allocator.
 """
 import argparse
 import copy
@@ -107,13 +110,21 @@ def step(net, x, reset):
     for p in net.parameters():
         p.grad = None
     net(x).sum().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def peak_of(net, x, reset):
+    """(tracker peak, CUDA allocator peak above the start or None) of one step."""
     step(net, x, reset)  # warm up
     with MemoryTracker() as tracker:
         step(net, x, reset)
-    return tracker.peak_bytes
+    if not x.is_cuda:
+        return tracker.peak_bytes, None
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(net, x, reset)
+    return tracker.peak_bytes, torch.cuda.max_memory_allocated() - before
 
 
 def step_times(variants, x, repeat):
@@ -127,19 +138,25 @@ def step_times(variants, x, repeat):
     return best
 
 
-def sj_planner(make, x):
+def _sj_split(m):
+    return m.__spatial_split__() if hasattr(m, "__spatial_split__") else (m.a, m.b)
+
+
+def sj_planner(make, x, level):
     try:
         from spikingjelly.activation_based import functional as sj_functional
         from spikingjelly.activation_based.memopt import optimize_memory
     except Exception as e:  # optional peer
         return None, f"absent ({type(e).__name__})"
-    net = make("spikingjelly")
+    net = make("spikingjelly").to(x.device)
+    extra = {} if level == 1 else dict(split_fn=_sj_split, can_chunk=lambda m: True)
     t0 = time.perf_counter()
     try:
-        optimize_memory(net, (ConvBlock,), lambda m: m(x), level=1)
+        optimize_memory(net, (ConvBlock,), lambda m: m(x).sum().backward(), level=level, **extra)
     except Exception as e:
-        return None, f"failed: {e}"
-    return (net, time.perf_counter() - t0, sj_functional.reset_net), "level 1 (levels 2-4 need CUDA)"
+        return None, f"failed: {type(e).__name__}: {str(e)[:80]}"
+    note = f"level {level}" + (" (levels 2-4 need CUDA)" if level == 1 and not x.is_cuda else "")
+    return (net, time.perf_counter() - t0, sj_functional.reset_net), note
 
 
 def main():
@@ -147,15 +164,20 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--nets", default="vgg6,vgg8,sew")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--sj-level", type=int, default=None, help="SpikingJelly planner level (default: 4 on CUDA, else 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    sj_level = args.sj_level or (4 if dev.type == "cuda" else 1)
     mib = 2.0**20
-    print(f"one training step, [T={T}, N={N}, 2, 48, 48] Poisson event counts, float32, CPU, {args.threads} threads")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"one training step, [T={T}, N={N}, 2, 48, 48] Poisson event counts, float32, {where}, torch {torch.__version__}")
     for key in args.nets.split(","):
         title, make, types = NETS[key]
         torch.manual_seed(0)
-        x = torch.poisson(torch.full((T, N, 2, 48, 48), 0.3))
-        plain = make("snnkit")
+        x = torch.poisson(torch.full((T, N, 2, 48, 48), 0.3)).to(dev)
+        plain = make("snnkit").to(dev)
         functional.reset_net(plain)
         gc_net = apply_gc(copy.deepcopy(plain), types, dummy_input=x)
         step_times([(plain, functional.reset_net)], x, 1)  # warm up before timing the planner
@@ -168,25 +190,28 @@ def main():
             tp = min(tp, time.perf_counter() - t_plan)
         variants = [("no GC", plain, functional.reset_net, None, ""), ("apply_gc", gc_net, functional.reset_net, None, ""),
                     ("memory_optimization", planned, functional.reset_net, tp, "")]
-        sj, note = sj_planner(make, x)
+        sj, note = sj_planner(make, x, sj_level)
         if sj is not None:
             sj_net, sj_time, sj_reset = sj
             variants.append(("SpikingJelly optimize_memory", sj_net, sj_reset, sj_time, note))
         times = step_times([(v[1], v[2]) for v in variants], x, args.repeat)
         t0 = times[0]
-        rows = [(name, peak_of(net, x, reset), t, plan, nt) for (name, net, reset, plan, nt), t in zip(variants, times)]
+        rows = [(name, *peak_of(net, x, reset), t, plan, nt) for (name, net, reset, plan, nt), t in zip(variants, times)]
         peak0 = rows[0][1]
         if sj is None:
-            rows.append(("SpikingJelly optimize_memory", None, None, None, note))
+            rows.append(("SpikingJelly optimize_memory", None, None, None, None, note))
+        cuda = dev.type == "cuda"
         print(f"\n{title}")
-        print(f"{'variant':<30} {'peak MiB':>9} {'x less':>7} {'step x':>7} {'plan s':>7} {'plan/steps':>10}  note")
-        for name, peak, t, plan, note in rows:
+        print(f"{'variant':<30} {'peak MiB':>9}{' cuda MiB' if cuda else ''} {'x less':>7} {'step x':>7} {'plan s':>7} "
+              f"{'plan/steps':>10}  note")
+        for name, peak, alloc, t, plan, note in rows:
             if peak is None:
-                print(f"{name:<30} {'-':>9} {'-':>7} {'-':>7} {'-':>7} {'-':>10}  {note}")
+                print(f"{name:<30} {'-':>9}{'        -' if cuda else ''} {'-':>7} {'-':>7} {'-':>7} {'-':>10}  {note}")
                 continue
-            plan_s = f"{plan:7.2f}" if plan is not None else f"{'-':>7}"
+            plan_s = f"{plan:7.3f}" if plan is not None else f"{'-':>7}"
             plan_r = f"{plan / t0:10.2f}" if plan is not None else f"{'-':>10}"
-            print(f"{name:<30} {peak / mib:9.1f} {peak0 / peak:7.2f} {t / t0:7.2f} {plan_s} {plan_r}  {note}")
+            alloc_s = f" {alloc / mib:8.1f}" if cuda else ""
+            print(f"{name:<30} {peak / mib:9.1f}{alloc_s} {peak0 / peak:7.2f} {t / t0:7.2f} {plan_s} {plan_r}  {note}")
         print(summary)
 
 
