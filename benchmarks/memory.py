@@ -19,7 +19,7 @@ On CUDA (``--device cuda``) a second peak column gives the step's
 ``torch.cuda.max_memory_allocated`` above what was allocated before it, the
 allocator's own view, against which the tracker is validated.
 
-Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2] [--device cuda]``.
+Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2] [--device cuda [--backend cupy]]``.
 """
 import argparse
 import copy
@@ -38,7 +38,7 @@ T, N, C, H = 8, 4, 2, 48
 MiB = 2**20
 
 
-def snnkit_blocks():
+def snnkit_blocks(backend="torch"):
     blocks, ci = [], C
     for item in CFG:
         mods = []
@@ -48,7 +48,7 @@ def snnkit_blocks():
         mods += [
             layer.Conv2d(ci, co, 3, padding=1, bias=False, step_mode="m"),
             layer.BatchNorm2d(co, step_mode="m"),
-            neuron.LIFNode(tau=2.0, step_mode="m"),
+            neuron.LIFNode(tau=2.0, step_mode="m", backend=backend),
         ]
         blocks.append(nn.Sequential(*mods))
         ci = co
@@ -89,9 +89,9 @@ class TorchCheckpoint(nn.Module):
         return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
-def build_variants():
+def build_variants(backend="torch"):
     torch.manual_seed(0)
-    blocks, classifier = snnkit_blocks(), head(int(CFG[-1].lstrip("p")))
+    blocks, classifier = snnkit_blocks(backend), head(int(CFG[-1].lstrip("p")))
     plain = VGG(blocks, classifier)
     variants = {
         "no GC": (plain, None),
@@ -176,7 +176,8 @@ def step(net, x, y, tracker=None):
 
 
 def cuda_peak(net, x, y):
-    """The step's ``torch.cuda.max_memory_allocated`` above what was allocated before it."""
+    """The step's ``torch.cuda.max_memory_allocated`` above what was allocated before it (old gradients freed first)."""
+    net.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -189,6 +190,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", default="torch", help="snnkit neuron backend: torch, or cupy (CUDA)")
     opts = parser.parse_args()
     dev = torch.device(opts.device)
     if dev.type == "cuda":  # deterministic convolutions, so that "exact" means bit-identical gradients
@@ -199,7 +201,7 @@ def main():
     x = (torch.rand(T, N, C, H, H, generator=gen) < 0.15).float()  # Poisson-like events
     y = torch.randint(0, 10, (N,), generator=gen)
     x, y = x.to(dev), y.to(dev)
-    variants = build_variants()
+    variants = build_variants(opts.backend)
     rows, grads, times, alloc = {}, {}, {name: [] for name in variants}, {}
     for name, (net, ref) in variants.items():
         net.to(dev).train()
@@ -219,7 +221,7 @@ def main():
             times[name].append(time.perf_counter() - t0)
     times = {name: min(ts) for name, ts in times.items()}
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={N}, {C}, {H}, {H}], {where}, torch {torch.__version__}")
+    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={N}, {C}, {H}, {H}], {where}, torch {torch.__version__}, snnkit backend {opts.backend}")
     cuda_col = f" {'cuda peak MiB':>14s}" if alloc else ""
     print(f"{'variant':28s} {'peak MiB':>9s}{cuda_col} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio':>11s} {'step s':>7s}  grads equal")
     for name, (net, ref) in variants.items():

@@ -121,6 +121,9 @@ def peak_of(net, x, reset):
         step(net, x, reset)
     if not x.is_cuda:
         return tracker.peak_bytes, None
+    reset(net)
+    for p in net.parameters():  # free the old gradients before the baseline, as the tracker never saw them
+        p.grad = None
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step(net, x, reset)
@@ -152,7 +155,7 @@ def sj_planner(make, x, level):
     extra = {} if level == 1 else dict(split_fn=_sj_split, can_chunk=lambda m: True)
     t0 = time.perf_counter()
     try:
-        optimize_memory(net, (ConvBlock,), lambda m: m(x).sum().backward(), level=level, **extra)
+        optimize_memory(net, (ConvBlock,), lambda m: m(x), level=level, **extra)
     except Exception as e:
         return None, f"failed: {type(e).__name__}: {str(e)[:80]}"
     note = f"level {level}" + (" (levels 2-4 need CUDA)" if level == 1 and not x.is_cuda else "")

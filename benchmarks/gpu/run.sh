@@ -3,7 +3,7 @@
 # benchmark, then the memory and planner benchmarks on CUDA (tracker vs allocator peaks).
 # Usage: benchmarks/gpu/run.sh [RESULTS_FILE]   (default: $SNNKIT_BENCH_RESULTS or
 # benchmarks/gpu/results.md). Budget: under 8 minutes (tests <= 180 s, kernels <= 100 s,
-# memory <= 45 s, planner <= 75 s). Optional peers: wheels in .whl/ (e.g. spikingjelly)
+# memory <= 2 x 45 s, planner <= 75 s). Optional peers: wheels in .whl/ (e.g. spikingjelly)
 # are installed to /tmp/site first. SNNKIT_FULL_SUITE=1 also runs the whole CPU suite.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,6 +42,8 @@ timeout 100 "$PY" benchmarks/gpu/bench_neuron.py --out "$RESULTS"
 bench_rc=$?
 echo "bench: rc=$bench_rc in $(( $(date +%s) - bstart )) s"
 section "memory benchmark on CUDA" 45 "$PY" benchmarks/memory.py --device cuda --repeat 9; mem_rc=$?
+section "memory benchmark on CUDA, backend cupy" 45 "$PY" benchmarks/memory.py --device cuda --backend cupy --repeat 9 \
+    || mem_rc=$?
 section "planner benchmark on CUDA" 75 "$PY" benchmarks/planner.py --device cuda --repeat 3; plan_rc=$?
 full_rc=0
 if [ "${SNNKIT_FULL_SUITE:-0}" = 1 ]; then

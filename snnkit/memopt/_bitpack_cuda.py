@@ -21,10 +21,11 @@ Example:
     >>> print(pack_source("float16").splitlines()[0])
     // snnkit bit packing: snnkit_bitpack_f16
 """
-import functools
 from typing import Tuple
 
 import torch
+
+from .. import _cupy
 
 __all__ = ["pack", "unpack", "pack_source", "unpack_source", "pack_name", "unpack_name", "pack_params", "unpack_params"]
 
@@ -44,7 +45,6 @@ _TORCH = {
     torch.uint8: "uint8",
     torch.bool: "uint8",
 }
-BLOCK = 256
 
 
 def _entry(dtype: str):
@@ -132,24 +132,12 @@ def unpack_source(dtype: str) -> str:
     return _UNPACK.format(name=name, signature=_signature(name, unpack_params(dtype)), U=u, one=one)
 
 
-@functools.lru_cache(maxsize=None)
-def _function(name: str, source: str, device: int):
-    import cupy
-
-    with cupy.cuda.Device(device):
-        return cupy.RawModule(code=source).get_function(name)
-
-
 def _cupy_launcher(name, source, params, n_threads, args):
-    import cupy
     import numpy as np
 
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    fn = _function(name, source, device.index)
     conv = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int64(a) for a in args)
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        fn(((n_threads + BLOCK - 1) // BLOCK,), (BLOCK,), conv)
+    _cupy.launch(_cupy.function(name, source, device.index), n_threads, conv, device)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -9,6 +9,7 @@ flash-attention rule (error at most twice that of torch's own float16 run) as we
 as a tight bound against the float32 backward from the saved half ``h_seq``.
 A call-count sentinel makes a silent torch fallback fail.
 """
+import dataclasses
 import importlib.util
 import itertools
 import os
@@ -83,26 +84,34 @@ def _cuda(*ts, dtype=torch.float32):
     return [t.to(DEVICE, dtype) for t in ts]
 
 
+def _launched(p, dtype, vec):
+    """Names of the forward and backward kernels a run should launch."""
+    spec = ops.spec_for(p, dtype)
+    spec = dataclasses.replace(spec, vec=codegen.VECTOR_WIDTH[spec.dtype]) if vec else spec
+    return [codegen.forward_name(spec), codegen.backward_name(spec)]
+
+
+@pytest.mark.parametrize("width", ["scalar", "vec"])
 @pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=IDS)
-def test_float32_matches_cpu_reference(neuron, reset, detach, sg, store, sentinel):
+def test_float32_matches_cpu_reference(neuron, reset, detach, sg, store, width, sentinel):
     p = _params(neuron, reset == "hard", detach == "detach", sg)
     store = store == "store"
-    x, v, gs, gv = _inputs((6, 7, 301))
+    x, v, gs, gv = _inputs((6, 7, 301 if width == "scalar" else 300))
     ref = _run(lambda a, b: _reference.multistep(a, b, p, store), x, v, gs, gv, store)
     xc, vc = _cuda(x, v)
     got = _run(lambda a, b: ops.multistep(a, b, p, store), xc, vc, gs, gv, store)
-    spec = ops.spec_for(p, torch.float32)
-    assert sentinel == [codegen.forward_name(spec), codegen.backward_name(spec)]
+    assert sentinel == _launched(p, torch.float32, width == "vec")
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", ["scalar", "vec"])
 @pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=IDS)
-def test_float16_flash_attention_rule(neuron, reset, detach, sg, store, sentinel):
+def test_float16_flash_attention_rule(neuron, reset, detach, sg, store, width, sentinel):
     p = _params(neuron, reset == "hard", detach == "detach", sg)
     store = store == "store"
-    x, v, gs, gv = _inputs((5, 4, 257), seed=1)
+    x, v, gs, gv = _inputs((5, 4, 257 if width == "scalar" else 256), seed=1)
     x, v, gs, gv = (t.half() for t in (x, v, gs, gv))  # the values every run sees
     gv_used = gv if store else gv[-1]
     truth = _run(lambda a, b: _reference.multistep(a, b, p, store), x.float(), v.float(), gs.float(), gv.float(), store)
@@ -111,7 +120,7 @@ def test_float16_flash_attention_rule(neuron, reset, detach, sg, store, sentinel
     spike, v_out = ops.multistep(xk, vk, p, store)
     (h16,) = spike.grad_fn.saved_tensors
     ((spike * gs.to(DEVICE)).sum() + (v_out * gv_used.to(DEVICE)).sum()).backward()
-    assert len(sentinel) == 2 and all("_f16_" in n for n in sentinel)
+    assert sentinel == _launched(p, torch.float16, width == "vec")
     assert spike.dtype == v_out.dtype == h16.dtype == torch.float16
     ref_spike, ref_v, ref_h = _f16_reference(x, v, p, store)
     assert torch.equal(spike.cpu(), ref_spike) and torch.equal(v_out.cpu(), ref_v) and torch.equal(h16.cpu(), ref_h)
@@ -142,6 +151,27 @@ def test_odd_sizes_and_t1(shape, dtype, sentinel):
     assert torch.equal(got[0], ref[0].to(dtype)) and torch.equal(got[1], ref[1].to(dtype))
     torch.testing.assert_close(got[2].float(), ref[2].float(), **tol)
     torch.testing.assert_close(got[3].float(), ref[3].float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_misaligned_input_takes_the_scalar_forward(dtype, sentinel):
+    p = _params("lif", True, False, "atan")
+    x, v, gs, _ = _inputs((4, 4096), seed=5)
+    x, v, gs = _cuda(x, v, gs, dtype=dtype)
+    buf = torch.zeros(x.numel() + 1, device=DEVICE, dtype=dtype)
+    buf[1:] = x.reshape(-1)
+    buf.requires_grad_()
+    x_al, runs = x.clone().requires_grad_(), []
+    for xin in (buf[1:].view_as(x), x_al):  # contiguous, N divisible by the width; the first is 2 or 4 bytes off
+        sentinel.clear()
+        spike, v_last = ops.multistep(xin, v, p)
+        (spike * gs).sum().backward()
+        runs.append((list(sentinel), spike, v_last))
+    (odd_calls, *odd), (calls, *aligned) = runs
+    scalar, vec = _launched(p, dtype, False), _launched(p, dtype, True)
+    assert calls == vec and odd_calls == [scalar[0], vec[1]]
+    assert all(torch.equal(a, b) for a, b in zip(odd, aligned))
+    assert torch.equal(buf.grad[1:].view_as(x), x_al.grad)
 
 
 def test_large_n_forward_and_backward(sentinel):

@@ -10,6 +10,7 @@ round-to-nearest-even, as ``__float2half_rn``). What it cannot check: real
 parallel execution, CUDA's own ``expf``/``atanf`` ulps, NVRTC quirks (the GPU suite
 in ``tests/gpu`` does).
 """
+import dataclasses
 import functools
 import importlib.util
 import itertools
@@ -97,17 +98,28 @@ def _run(fn, x, v, gs, gv, store):
 CONFIGS = list(itertools.product(NEURONS, ("hard", "soft"), ("detach", "nodetach"), SURROGATES, ("store", "last")))
 
 
+def _launched(p, dtype, vec):
+    """Names of the forward and backward kernels a run should launch."""
+    spec = ops.spec_for(p, dtype)
+    spec = dataclasses.replace(spec, vec=codegen.VECTOR_WIDTH[spec.dtype]) if vec else spec
+    return [codegen.forward_name(spec), codegen.backward_name(spec)]
+
+
+# 111 neurons: 2 blocks and a partial one, one neuron per thread; 108: 4 per thread (27 threads)
+WIDTHS = {"scalar": 37, "vec": 36}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("variant", [0, 1])
 @pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=["-".join(c) for c in CONFIGS])
-def test_kernels_match_torch_float32(neuron, reset, detach, sg, store, variant):
+def test_kernels_match_torch_float32(neuron, reset, detach, sg, store, variant, width):
     p = _params(neuron, reset == "hard", detach == "detach", sg, variant)
     store = store == "store"
-    x, v, gs, gv = _inputs((7, 3, 37), torch.float32, seed=variant)  # 111 neurons: 2 blocks, a partial one
-    launcher = EmuLauncher()
+    x, v, gs, gv = _inputs((7, 3, WIDTHS[width]), torch.float32, seed=variant)
+    launcher = EmuLauncher(block=16)
     got = _run(lambda a, b: ops._FusedMultiStep.apply(a, b, p, store, launcher), x, v, gs, gv, store)
     ref = _run(lambda a, b: _reference.multistep(a, b, p, store), x, v, gs, gv, store)
-    spec = ops.spec_for(p, torch.float32)
-    assert launcher.calls == [codegen.forward_name(spec), codegen.backward_name(spec)]
+    assert launcher.calls == _launched(p, torch.float32, width == "vec")
     assert 0.05 < ref[0].mean() < 0.95  # the test exercises both branches of the reset
     assert torch.equal(got[0], ref[0])  # spikes, bit for bit
     assert torch.equal(got[1], ref[1])  # v_seq or v_last, bit for bit
@@ -115,15 +127,16 @@ def test_kernels_match_torch_float32(neuron, reset, detach, sg, store, variant):
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", ["scalar", "vec"])
 @pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=["-".join(c) for c in CONFIGS])
-def test_kernels_match_torch_float16(neuron, reset, detach, sg, store):
+def test_kernels_match_torch_float16(neuron, reset, detach, sg, store, width):
     # Kernels load/store half and compute in float (H rounded to half before
     # firing): the forward equals f16_reference bit for bit; the backward equals
     # the float32 reference backward from the saved half h_seq, rounded once.
     p = _params(neuron, reset == "hard", detach == "detach", sg, 1)
     store = store == "store"
-    x, v, gs, gv = _inputs((5, 2, 45), torch.float16, seed=3)
-    launcher = EmuLauncher(block=32)
+    x, v, gs, gv = _inputs((5, 2, 45 if width == "scalar" else 48), torch.float16, seed=3)  # 96 = 12 x 8
+    launcher = EmuLauncher(block=8)
     xk, vk = x.clone().requires_grad_(), v.clone().requires_grad_()
     spike, v_out = ops._FusedMultiStep.apply(xk, vk, p, store, launcher)
     assert spike.dtype == v_out.dtype == torch.float16
@@ -135,6 +148,28 @@ def test_kernels_match_torch_float16(neuron, reset, detach, sg, store):
     gx, gv0 = ref_backward(h16.float(), p, store, gs.float(), (gv if store else gv[-1]).float())
     torch.testing.assert_close(xk.grad.float(), gx.half().float(), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(vk.grad.float(), gv0.half().float(), rtol=2e-3, atol=1e-4)
+    assert launcher.calls == _launched(p, torch.float16, width == "vec")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_misaligned_input_takes_the_scalar_forward(dtype):
+    p = _params("lif", True, False, "sigmoid", 1)
+    x, v, gs, _ = _inputs((4, 64), dtype, seed=6)
+    buf = torch.zeros(x.numel() + 1, dtype=dtype)
+    buf[1:] = x.reshape(-1)
+    buf.requires_grad_()
+    x_odd = buf[1:].view_as(x)  # contiguous, N divisible by the width, but not 16-byte aligned
+    x_al, runs = x.clone().requires_grad_(), []
+    for xin in (x_odd, x_al):
+        launcher = EmuLauncher()
+        spike, v_last = ops._FusedMultiStep.apply(xin, v, p, False, launcher)
+        (spike * gs).sum().backward()
+        runs.append((launcher.calls, spike, v_last))
+    (odd_calls, *odd), (calls, *aligned) = runs
+    scalar, vec = _launched(p, dtype, False), _launched(p, dtype, True)
+    assert calls == vec and odd_calls == [scalar[0], vec[1]]  # backward's own tensors are aligned
+    assert all(torch.equal(a, b) for a, b in zip(odd, aligned))
+    assert torch.equal(buf.grad[1:].view_as(x), x_al.grad)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5, 3), (4, 1), (3, 64), (2, 65)])

@@ -71,10 +71,14 @@ __all__ = [
     "backward_params",
     "NVCC_OPTIONS",
     "DTYPES",
+    "VECTOR_WIDTH",
 ]
 
 #: dtype name -> (C type, short tag)
 DTYPES = {"float32": ("float", "f32"), "float16": ("__half", "f16")}
+
+#: dtype name -> neurons per thread of the vectorised kernels (16 bytes per load and store)
+VECTOR_WIDTH = {"float32": 4, "float16": 8}
 
 #: Compiler options the sources are written for: IEEE arithmetic, no contraction.
 NVCC_OPTIONS = ("--fmad=false",)
@@ -93,6 +97,9 @@ class KernelSpec:
         dtype: ``"float32"`` or ``"float16"`` (storage; arithmetic is float).
         surrogate: Name of the surrogate in the kernel name, e.g. ``"sigmoid_4p0"``.
         surrogate_code: CUDA statements setting ``float sg`` from ``float hx``.
+        vec: Neurons per thread: 1 (any ``N``, any alignment) or
+            :data:`VECTOR_WIDTH` of the dtype (16-byte loads and stores; needs
+            ``N`` divisible by it and 16-byte aligned tensors).
     """
 
     neuron: str
@@ -102,6 +109,7 @@ class KernelSpec:
     dtype: str
     surrogate: str
     surrogate_code: str
+    vec: int = 1
 
     def __post_init__(self):
         if self.neuron not in ("if", "lif"):
@@ -112,6 +120,10 @@ class KernelSpec:
             raise ValueError("KernelSpec: decay_input applies to 'lif' only; pass decay_input=False for 'if'")
         if not self.surrogate.isidentifier():
             raise ValueError(f"KernelSpec.surrogate must be a C identifier fragment, got {self.surrogate!r}")
+        if self.vec not in (1, VECTOR_WIDTH[self.dtype]):
+            raise ValueError(
+                f"KernelSpec.vec must be 1 or {VECTOR_WIDTH[self.dtype]} for {self.dtype}, got {self.vec!r}"
+            )
 
 
 def _tag(value: float) -> str:
@@ -119,7 +131,7 @@ def _tag(value: float) -> str:
 
 
 def make_spec(
-    neuron: str, decay_input: bool, hard_reset: bool, detach_reset: bool, surrogate, dtype: str
+    neuron: str, decay_input: bool, hard_reset: bool, detach_reset: bool, surrogate, dtype: str, vec: int = 1
 ) -> KernelSpec:
     """Build a :class:`KernelSpec` from a surrogate object.
 
@@ -131,6 +143,7 @@ def make_spec(
         surrogate: Anything with ``key`` (``(name, alpha)``) and
             ``cuda_derivative(x, out)``, e.g. :class:`snnkit.surrogate.Sigmoid`.
         dtype: ``"float32"`` or ``"float16"``.
+        vec: Neurons per thread (1, or ``VECTOR_WIDTH[dtype]``).
 
     Returns:
         The frozen spec.
@@ -144,6 +157,7 @@ def make_spec(
         dtype=dtype,
         surrogate=f"{name.lower()}_{_tag(alpha)}",
         surrogate_code=surrogate.cuda_derivative("hx", "sg"),
+        vec=vec,
     )
 
 
@@ -151,17 +165,21 @@ def _stem(spec: KernelSpec) -> str:
     return "lif" if spec.neuron == "lif" and spec.decay_input else ("lif_ndi" if spec.neuron == "lif" else "if")
 
 
+def _dtype_tag(spec: KernelSpec) -> str:
+    return DTYPES[spec.dtype][1] + (f"x{spec.vec}" if spec.vec > 1 else "")
+
+
 def forward_name(spec: KernelSpec) -> str:
-    """Kernel name, e.g. ``snnkit_lif_fwd_f32_hard`` (``lif_ndi``: ``decay_input=False``)."""
+    """Kernel name, e.g. ``snnkit_lif_fwd_f32_hard`` (``lif_ndi``: ``decay_input=False``; ``f32x4``: vectorised)."""
     reset = "hard" if spec.hard_reset else "soft"
-    return f"snnkit_{_stem(spec)}_fwd_{DTYPES[spec.dtype][1]}_{reset}"
+    return f"snnkit_{_stem(spec)}_fwd_{_dtype_tag(spec)}_{reset}"
 
 
 def backward_name(spec: KernelSpec) -> str:
     """Kernel name, e.g. ``snnkit_lif_bwd_f32_soft_detach_atan_2p0``."""
     reset = "hard" if spec.hard_reset else "soft"
     detach = "_detach" if spec.detach_reset else ""
-    return f"snnkit_{_stem(spec)}_bwd_{DTYPES[spec.dtype][1]}_{reset}{detach}_{spec.surrogate}"
+    return f"snnkit_{_stem(spec)}_bwd_{_dtype_tag(spec)}_{reset}{detach}_{spec.surrogate}"
 
 
 # (C type with {T} for the storage type, name): the launch layer and the CPU
@@ -240,10 +258,7 @@ def _reset(spec: KernelSpec) -> str:
 
 _FWD_TEMPLATE = r"""// snnkit fused multistep forward: {name}
 {header}{signature}
-{{
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N) return;
-    float v = {load_v};
+{{{prologue}
     // Four copies of the time loop, so that no loop has a branch inside.
     if (h_seq) {{
         if (store_v_seq) {{{loop_h_vs}
@@ -253,10 +268,17 @@ _FWD_TEMPLATE = r"""// snnkit fused multistep forward: {name}
         if (store_v_seq) {{{loop_vs}
         }} else {{{loop}
         }}
-    }}
-    if (!store_v_seq) v_out[i] = {store_v};
+    }}{epilogue}
 }}
 """
+
+_FWD_SCALAR_PROLOGUE = r"""
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    float v = {load_v};"""
+
+_FWD_SCALAR_EPILOGUE = r"""
+    if (!store_v_seq) v_out[i] = {store_v};"""
 
 _FWD_LOOP = r"""
             #pragma unroll 4
@@ -270,6 +292,68 @@ _FWD_LOOP = r"""
                 {reset}{save_v}
             }}"""
 
+# Vectorised kernels: thread j owns the VEC neurons j*VEC .. j*VEC + VEC - 1 (VEC
+# divides N) and moves them with one 16-byte load or store per tensor and step.
+_VEC_STRUCT = r"""#ifndef SNNKIT_{TAG}_DEFINED
+#define SNNKIT_{TAG}_DEFINED
+struct __align__(16) snnkit_{tag} {{ {ctype} e[{vec}]; }};  // {vec} neurons, 16 bytes
+#endif
+"""
+
+_VEC_PROLOGUE = r"""
+    // thread j owns neurons j * {vec} .. j * {vec} + {last}; {vec} divides N
+    typedef snnkit_{tag} vec_t;
+    const long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long M = N / {vec};
+    if (j >= M{t_guard}) return;"""
+
+_FWD_VEC_PROLOGUE = r"""
+    float vv[{vec}];
+    {{
+        const vec_t a = ((const vec_t*)v_init)[j];
+        #pragma unroll
+        for (int e = 0; e < {vec}; e++) vv[e] = {load_a};
+    }}"""
+
+_FWD_VEC_EPILOGUE = r"""
+    if (!store_v_seq) {{
+        vec_t o;
+        #pragma unroll
+        for (int e = 0; e < {vec}; e++) o.e[e] = {store_vv};
+        ((vec_t*)v_out)[j] = o;
+    }}"""
+
+_FWD_VEC_LOOP = r"""
+            #pragma unroll 2
+            for (int t = 0; t < T; t++) {{
+                const long long k = (long long)t * M + j;
+                const vec_t xv = ((const vec_t*)x_seq)[k];
+                vec_t sv{decl_h}{decl_v};
+                #pragma unroll
+                for (int e = 0; e < {vec}; e++) {{
+                    float v = vv[e];
+                    const float x = {load_x};
+                    float h;
+                    {charge}{round_h}
+                    const float s = (h >= v_threshold) ? 1.0f : 0.0f;
+                    sv.e[e] = {store_s};{save_h}
+                    {reset}{save_v}
+                    vv[e] = v;
+                }}
+                ((vec_t*)spike_seq)[k] = sv;{put_h}{put_v}
+            }}"""
+
+
+def _vec_header(spec: KernelSpec, header: str) -> str:
+    if spec.vec == 1:
+        return header
+    tag = _dtype_tag(spec)
+    return header + _VEC_STRUCT.format(TAG=tag.upper(), tag=tag, ctype=DTYPES[spec.dtype][0], vec=spec.vec)
+
+
+def _vec_prologue(spec: KernelSpec, t_guard: str = "") -> str:
+    return _VEC_PROLOGUE.format(vec=spec.vec, last=spec.vec - 1, tag=_dtype_tag(spec), t_guard=t_guard)
+
 
 def forward_source(spec: KernelSpec) -> str:
     """CUDA source of the forward kernel (``forward_name(spec)``).
@@ -280,29 +364,55 @@ def forward_source(spec: KernelSpec) -> str:
     header, load, store = _io(spec)
     name = forward_name(spec)
     round_h = "\n                h = __half2float(__float2half_rn(h));  // fire on the h that backward sees"
+    vec = spec.vec > 1
+    pad = "    " if vec else ""
     fields = dict(
-        load_x=load.format("x_seq[k]"),
+        load_x=load.format("xv.e[e]" if vec else "x_seq[k]"),
         charge=_charge(spec),
-        round_h=round_h if spec.dtype == "float16" else "",
+        round_h=round_h.replace("\n", "\n" + pad) if spec.dtype == "float16" else "",
         store_s=store.format("s"),
         reset=_reset(spec),
     )
-    save_h = f"\n                h_seq[k] = {store.format('h')};"
-    save_v = f"\n                v_out[k] = {store.format('v')};"
+    if vec:
+        frame = dict(
+            prologue=_vec_prologue(spec) + _FWD_VEC_PROLOGUE.format(vec=spec.vec, load_a=load.format("a.e[e]")),
+            epilogue=_FWD_VEC_EPILOGUE.format(vec=spec.vec, store_vv=store.format("vv[e]")),
+        )
 
-    def loop(h: bool, vs: bool) -> str:
-        return _FWD_LOOP.format(save_h=save_h if h else "", save_v=save_v if vs else "", **fields)
+        def loop(h: bool, vs: bool) -> str:
+            return _FWD_VEC_LOOP.format(
+                vec=spec.vec,
+                decl_h=", hv" if h else "",
+                decl_v=", vo" if vs else "",
+                save_h=f"\n                    hv.e[e] = {store.format('h')};" if h else "",
+                save_v=f"\n                    vo.e[e] = {store.format('v')};" if vs else "",
+                put_h="\n                ((vec_t*)h_seq)[k] = hv;" if h else "",
+                put_v="\n                ((vec_t*)v_out)[k] = vo;" if vs else "",
+                **fields,
+            )
+
+    else:
+        frame = dict(
+            prologue=_FWD_SCALAR_PROLOGUE.format(load_v=load.format("v_init[i]")),
+            epilogue=_FWD_SCALAR_EPILOGUE.format(store_v=store.format("v")),
+        )
+
+        def loop(h: bool, vs: bool) -> str:
+            return _FWD_LOOP.format(
+                save_h=f"\n                h_seq[k] = {store.format('h')};" if h else "",
+                save_v=f"\n                v_out[k] = {store.format('v')};" if vs else "",
+                **fields,
+            )
 
     return _FWD_TEMPLATE.format(
         name=name,
-        header=header,
+        header=_vec_header(spec, header),
         signature=_signature(name, forward_params(spec)),
-        load_v=load.format("v_init[i]"),
         loop_h_vs=loop(True, True),
         loop_h=loop(True, False),
         loop_vs=loop(False, True),
         loop=loop(False, False),
-        store_v=store.format("v"),
+        **frame,
     )
 
 
@@ -349,14 +459,55 @@ _BWD_TEMPLATE = r"""// snnkit fused multistep backward (BPTT): {name}
 }}
 """
 
+_BWD_VEC_TEMPLATE = r"""// snnkit fused multistep backward (BPTT): {name}
+{header}{signature}
+{{{prologue}
+    // gh[e]: the gradient reaching H[t + 1]; g: the one reaching V[t] from later steps
+    float gh[{vec}];
+    #pragma unroll
+    for (int e = 0; e < {vec}; e++) gh[e] = 0.0f;
+    if (store_v_seq) {{  // grad_v is [T, N]: g = grad_v[t] + leak gh[t + 1]
+        #pragma unroll 2
+        for (int t = T - 1; t >= 0; t--) {{
+            const long long k = (long long)t * M + j;
+            const vec_t gvv = ((const vec_t*)grad_v)[k];{body_gv_k}
+        }}
+    }} else {{  // grad_v is [N]: it reaches V[T - 1] only
+        {{
+            const int t = T - 1;
+            const long long k = (long long)t * M + j;
+            const vec_t gvv = ((const vec_t*)grad_v)[j];{body_gv_j}
+        }}
+        #pragma unroll 2
+        for (int t = T - 2; t >= 0; t--) {{
+            const long long k = (long long)t * M + j;{body_leak}
+        }}
+    }}
+    vec_t o;
+    #pragma unroll
+    for (int e = 0; e < {vec}; e++) o.e[e] = {store_gv0};
+    ((vec_t*)grad_v_init)[j] = o;
+}}
+"""
+
+_BWD_VEC_BODY = r"""
+            const vec_t hv = ((const vec_t*)h_seq)[k];
+            const vec_t gsv = ((const vec_t*)grad_spike_seq)[k];
+            vec_t gxv;
+            #pragma unroll
+            for (int e = 0; e < {vec}; e++) {{
+                const float g = {g};{step}
+            }}
+            ((vec_t*)grad_x_seq)[k] = gxv;"""
+
 _BWD_STEP = r"""
             const float h = {load_h};
             const float hx = h - v_threshold;
             float sg;
             {surrogate}
             {dv_dh}
-            grad_h = sg * {load_gs} + {g_term};
-            grad_x_seq[k] = {store_gx};"""
+            {gh} = sg * {load_gs} + {g_term};
+            {gx} = {store_gx};"""
 
 
 def backward_source(spec: KernelSpec) -> str:
@@ -368,21 +519,39 @@ def backward_source(spec: KernelSpec) -> str:
     header, load, store = _io(spec)
     name = backward_name(spec)
     dv_dh = _dv_dh(spec)
-    grad_x = "grad_h / tau" if spec.neuron == "lif" and spec.decay_input else "grad_h"
+    vec = spec.vec > 1
+    gh = "gh[e]" if vec else "grad_h"
+    grad_x = f"{gh} / tau" if spec.neuron == "lif" and spec.decay_input else gh
     step = _BWD_STEP.format(
-        load_h=load.format("h_seq[k]"),
+        load_h=load.format("hv.e[e]" if vec else "h_seq[k]"),
         surrogate=spec.surrogate_code,
         dv_dh=dv_dh,
-        load_gs=load.format("grad_spike_seq[k]"),
+        gh=gh,
+        load_gs=load.format("gsv.e[e]" if vec else "grad_spike_seq[k]"),
         g_term="g" if dv_dh.startswith("//") else "g * dv_dh",
+        gx="gxv.e[e]" if vec else "grad_x_seq[k]",
         store_gx=store.format(grad_x),
     )
-    return _BWD_TEMPLATE.format(
-        name=name,
-        header=header,
-        signature=_signature(name, backward_params(spec)),
-        step=step,
-        load_gv_k=load.format("grad_v[k]"),
-        load_gv_i=load.format("grad_v[i]"),
-        store_gv0=store.format("grad_h * leak"),
+    common = dict(name=name, header=_vec_header(spec, header), signature=_signature(name, backward_params(spec)))
+    if not vec:
+        return _BWD_TEMPLATE.format(
+            step=step,
+            load_gv_k=load.format("grad_v[k]"),
+            load_gv_i=load.format("grad_v[i]"),
+            store_gv0=store.format("grad_h * leak"),
+            **common,
+        )
+    step = step.replace("\n", "\n    ")
+
+    def body(g: str) -> str:
+        return _BWD_VEC_BODY.format(vec=spec.vec, g=g, step=step)
+
+    return _BWD_VEC_TEMPLATE.format(
+        prologue=_vec_prologue(spec, " || T <= 0"),
+        vec=spec.vec,
+        body_gv_k=body(f"{load.format('gvv.e[e]')} + leak * gh[e]"),
+        body_gv_j=body(load.format("gvv.e[e]")),
+        body_leak=body("leak * gh[e]"),
+        store_gv0=store.format("gh[e] * leak"),
+        **common,
     )

@@ -12,6 +12,10 @@ and what they save for backward (``h_seq`` only, and nothing when no gradient is
   keeps its on-disk cache).
 * Tensors are passed by pointer, no copies; kernels run on torch's current stream
   of the tensors' device, so they order correctly with surrounding torch work.
+* Each launch takes the vectorised kernels (``VECTOR_WIDTH`` neurons per thread,
+  16-byte loads and stores) when ``N`` is a multiple of that width and every
+  tensor it touches is 16-byte aligned, and the one-neuron-per-thread kernels
+  otherwise (odd sizes, views at odd offsets); both compute the same values.
 * Inputs must be contiguous CUDA tensors of one device and one dtype
   (``float32`` or ``float16``); anything else raises a ``ValueError`` that says what
   arrived and what to do. Gradients arriving in backward are made contiguous here.
@@ -24,18 +28,19 @@ The autograd function takes a *launcher* (``launcher(name, source, params,
 n_threads, args)``), so the same code path can run the sources on CPU under an
 emulator in the tests; :func:`multistep` always uses the CuPy launcher.
 """
+import dataclasses
 import functools
 from typing import Tuple
 
 import torch
 
+from ... import _cupy
 from .._reference import NeuronParams
 from . import codegen
 
-__all__ = ["multistep", "kernel_scalars", "spec_for"]
+__all__ = ["multistep", "kernel_scalars", "spec_for", "launch_spec"]
 
 _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-BLOCK = 256
 
 
 def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
@@ -45,7 +50,13 @@ def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
             f"backend='cupy' supports float32 and float16 tensors, got {dtype}; "
             "cast the input with .float() or .half(), or use backend='torch'"
         )
-    return codegen.make_spec(p.kind, p.decay_input, p.hard_reset, p.detach_reset, p.surrogate, _TORCH_DTYPES[dtype])
+    return _spec(p.kind, p.decay_input, p.hard_reset, p.detach_reset, p.surrogate.key, p.surrogate, _TORCH_DTYPES[dtype])
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(kind, decay_input, hard_reset, detach_reset, surrogate_key, surrogate, dtype):
+    # surrogate_key makes equal surrogates share an entry; the object supplies the CUDA text
+    return codegen.make_spec(kind, decay_input, hard_reset, detach_reset, surrogate, dtype)
 
 
 def kernel_scalars(p: NeuronParams) -> dict:
@@ -55,51 +66,53 @@ def kernel_scalars(p: NeuronParams) -> dict:
     return {"v_threshold": p.v_threshold, "v_reset": p.v_rest, "tau": tau, "leak": leak}
 
 
+def launch_spec(spec: codegen.KernelSpec, n: int, tensors) -> codegen.KernelSpec:
+    """``spec`` vectorised when ``n`` neurons and the ``tensors`` (``None`` skipped) allow 16-byte accesses."""
+    if n % codegen.VECTOR_WIDTH[spec.dtype] == 0 and all(t.data_ptr() % 16 == 0 for t in tensors if t is not None):
+        return _vectorised(spec)
+    return spec
+
+
+@functools.lru_cache(maxsize=256)
+def _vectorised(spec: codegen.KernelSpec) -> codegen.KernelSpec:
+    return dataclasses.replace(spec, vec=codegen.VECTOR_WIDTH[spec.dtype])
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(spec: codegen.KernelSpec):
     """``(name, source, params)`` of the forward kernel, built once per spec."""
-    return codegen.forward_name(spec), codegen.forward_source(spec), codegen.forward_params(spec)
+    return codegen.forward_name(spec), codegen.forward_source(spec), tuple(codegen.forward_params(spec))
 
 
 @functools.lru_cache(maxsize=None)
 def _backward_kernel(spec: codegen.KernelSpec):
     """``(name, source, params)`` of the backward kernel, built once per spec."""
-    return codegen.backward_name(spec), codegen.backward_source(spec), codegen.backward_params(spec)
+    return codegen.backward_name(spec), codegen.backward_source(spec), tuple(codegen.backward_params(spec))
 
 
 # --- CuPy launcher -------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str, source: str, device: int):
-    """Compiled kernel ``name`` of ``source`` on ``device`` (``source`` is a function of the spec)."""
-    import cupy
-
-    with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=source, options=codegen.NVCC_OPTIONS)
-        return module.get_function(name)
-
-
-def _cupy_arg(c_type: str, value):
+def _converters(params: tuple) -> tuple:
+    """One function per kernel parameter turning a Python argument into CuPy's typed scalar."""
     import numpy as np
 
-    if "*" in c_type:
-        return np.uint64(0 if value is None else value.data_ptr())
-    if "float" in c_type:
-        return np.float32(value)
-    if "long long" in c_type:
-        return np.int64(value)
-    return np.int32(value)
+    def pointer(t):
+        return np.uint64(0 if t is None else t.data_ptr())
+
+    def convert(c_type):
+        if "*" in c_type:
+            return pointer
+        return np.float32 if "float" in c_type else np.int64 if "long long" in c_type else np.int32
+
+    return tuple(convert(t) for t, _ in params)
 
 
 def _cupy_launcher(name, source, params, n_threads, args):
-    import cupy
-
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    fn = _function(name, source, device.index)
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        fn(((n_threads + BLOCK - 1) // BLOCK,), (BLOCK,), tuple(_cupy_arg(t, a) for (t, _), a in zip(params, args)))
+    fn = _cupy.function(name, source, device.index, codegen.NVCC_OPTIONS)
+    _cupy.launch(fn, n_threads, tuple(f(a) for f, a in zip(_converters(params), args)), device)
 
 
 # --- autograd ------------------------------------------------------------------------
@@ -118,7 +131,8 @@ class _FusedMultiStep(torch.autograd.Function):
         if N > 0:
             scalars = (sc["v_threshold"], sc["v_reset"], sc["tau"], int(store_v_seq), T, N)
             args = (x_seq, v, spike_seq, h_seq, v_out, *scalars)
-            launcher(*_forward_kernel(spec), N, args)
+            run = launch_spec(spec, N, args[:5])
+            launcher(*_forward_kernel(run), N // run.vec, args)
         elif not store_v_seq:
             v_out = v.clone()
         if save:
@@ -150,7 +164,8 @@ class _FusedMultiStep(torch.autograd.Function):
                 T,
                 N,
             )
-            ctx.launcher(*_backward_kernel(spec), N, args)
+            run = launch_spec(spec, N, args[:5])
+            ctx.launcher(*_backward_kernel(run), N // run.vec, args)
         elif T == 0 and not ctx.store_v_seq:
             grad_v0 = grad_v.clone()
         else:

@@ -21,10 +21,10 @@ BIT_DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8")
 def all_kernels():
     """``[(name, params, source), ...]`` of every configuration, each name once."""
     out = {}
-    for (neuron, di), hard, detach, sg, dt in itertools.product(
-        NEURONS.values(), (True, False), (True, False), SURROGATES.values(), tuple(codegen.DTYPES)
+    for (neuron, di), hard, detach, sg, dt, vec in itertools.product(
+        NEURONS.values(), (True, False), (True, False), SURROGATES.values(), tuple(codegen.DTYPES), (False, True)
     ):
-        spec = codegen.make_spec(neuron, di, hard, detach, sg(), dt)
+        spec = codegen.make_spec(neuron, di, hard, detach, sg(), dt, codegen.VECTOR_WIDTH[dt] if vec else 1)
         out[codegen.forward_name(spec)] = (codegen.forward_params(spec), codegen.forward_source(spec))
         out[codegen.backward_name(spec)] = (codegen.backward_params(spec), codegen.backward_source(spec))
     for dt in BIT_DTYPES:
