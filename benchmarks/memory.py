@@ -19,7 +19,7 @@ On CUDA (``--device cuda``) a second peak column gives the step's
 ``torch.cuda.max_memory_allocated`` above what was allocated before it, the
 allocator's own view, against which the tracker is validated.
 
-Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2] [--device cuda [--backend cupy]]``.
+Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2] [--device cuda [--backend cupy]] [--batch 4]``.
 """
 import argparse
 import copy
@@ -191,6 +191,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="torch", help="snnkit neuron backend: torch, or cupy (CUDA)")
+    parser.add_argument("--batch", type=int, default=N, help=f"batch size N (default {N})")
     opts = parser.parse_args()
     dev = torch.device(opts.device)
     if dev.type == "cuda":  # deterministic convolutions, so that "exact" means bit-identical gradients
@@ -198,8 +199,9 @@ def main():
     if opts.threads:
         torch.set_num_threads(opts.threads)
     gen = torch.Generator().manual_seed(1)
-    x = (torch.rand(T, N, C, H, H, generator=gen) < 0.15).float()  # Poisson-like events
-    y = torch.randint(0, 10, (N,), generator=gen)
+    n = opts.batch
+    x = (torch.rand(T, n, C, H, H, generator=gen) < 0.15).float()  # Poisson-like events
+    y = torch.randint(0, 10, (n,), generator=gen)
     x, y = x.to(dev), y.to(dev)
     variants = build_variants(opts.backend)
     rows, grads, times, alloc = {}, {}, {name: [] for name in variants}, {}
@@ -221,7 +223,7 @@ def main():
             times[name].append(time.perf_counter() - t0)
     times = {name: min(ts) for name, ts in times.items()}
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={N}, {C}, {H}, {H}], {where}, torch {torch.__version__}, snnkit backend {opts.backend}")
+    print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={n}, {C}, {H}, {H}], {where}, torch {torch.__version__}, snnkit backend {opts.backend}")
     cuda_col = f" {'cuda peak MiB':>14s}" if alloc else ""
     print(f"{'variant':28s} {'peak MiB':>9s}{cuda_col} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio':>11s} {'step s':>7s}  grads equal")
     for name, (net, ref) in variants.items():

@@ -1,6 +1,6 @@
 """Automatic memory planning: no GC vs apply_gc vs memory_optimization vs SpikingJelly's planner.
 
-Run: ``python benchmarks/planner.py [--threads 2] [--nets vgg6,vgg8,sew] [--device cuda]``.
+Run: ``python benchmarks/planner.py [--threads 2] [--nets vgg6,vgg8,sew] [--device cuda] [--batch 4]``.
 
 For each net, one training step (forward, sum loss, backward) is measured with
 :class:`snnkit.memopt.MemoryTracker` (peak live tensor bytes, CPU included) and
@@ -142,7 +142,10 @@ def step_times(variants, x, repeat):
 
 
 def _sj_split(m):
-    return m.__spatial_split__() if hasattr(m, "__spatial_split__") else (m.a, m.b)
+    """Parts for SpikingJelly's spatial split: the blocks' own split, a SEW block's halves, else the children."""
+    if hasattr(m, "__spatial_split__"):
+        return m.__spatial_split__()
+    return (m.a, m.b) if isinstance(m, SEWBlock) else tuple(m.children())
 
 
 def sj_planner(make, x, level):
@@ -168,6 +171,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--nets", default="vgg6,vgg8,sew")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=N, help=f"batch size N (default {N})")
     parser.add_argument("--sj-level", type=int, default=None, help="SpikingJelly planner level (default: 4 on CUDA, else 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,11 +179,11 @@ def main():
     sj_level = args.sj_level or (4 if dev.type == "cuda" else 1)
     mib = 2.0**20
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"one training step, [T={T}, N={N}, 2, 48, 48] Poisson event counts, float32, {where}, torch {torch.__version__}")
+    print(f"one training step, [T={T}, N={args.batch}, 2, 48, 48] Poisson event counts, float32, {where}, torch {torch.__version__}")
     for key in args.nets.split(","):
         title, make, types = NETS[key]
         torch.manual_seed(0)
-        x = torch.poisson(torch.full((T, N, 2, 48, 48), 0.3)).to(dev)
+        x = torch.poisson(torch.full((T, args.batch, 2, 48, 48), 0.3)).to(dev)
         plain = make("snnkit").to(dev)
         functional.reset_net(plain)
         gc_net = apply_gc(copy.deepcopy(plain), types, dummy_input=x)
