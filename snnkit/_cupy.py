@@ -32,8 +32,12 @@ def _stream(pointer: int, device: int):
 
 def launch(fn, n_threads: int, args: tuple, device: torch.device) -> None:
     """Run ``fn`` over ``n_threads`` threads (blocks of :data:`BLOCK`) on torch's current stream of ``device``."""
+    stream = _stream(torch.cuda.current_stream(device).cuda_stream, device.index)
+    grid = ((n_threads + BLOCK - 1) // BLOCK,)
+    if torch.cuda.current_device() == device.index:  # the usual case: no device switch (cheaper launch)
+        fn(grid, (BLOCK,), args, stream=stream)
+        return
     import cupy
 
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), _stream(stream.cuda_stream, device.index):
-        fn(((n_threads + BLOCK - 1) // BLOCK,), (BLOCK,), args)
+    with cupy.cuda.Device(device.index):
+        fn(grid, (BLOCK,), args, stream=stream)

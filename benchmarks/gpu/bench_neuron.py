@@ -22,8 +22,9 @@ import sys
 
 import torch
 
-from snnkit import neuron
+from snnkit import neuron, surrogate
 from snnkit.neuron._cuda import ops
+from snnkit.neuron._reference import NeuronParams
 
 TS = (4, 16, 64)
 NS = (1 << 20, 1 << 24)
@@ -76,6 +77,24 @@ def _sj_nodes():
     return out
 
 
+def kernels_only_ms(x, grad, launches=10):
+    """(forward, backward) ms of the bare kernels, ``launches`` back to back (no node, no autograd)."""
+    p = NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid(), 2.0, True)
+    T, N = x.shape[0], x[0].numel()
+    sc = ops.kernel_scalars(p)
+    x, spike, h, grad_x = x.detach(), torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    v0, v_out, gv, gv0 = (torch.zeros_like(x[0]) for _ in range(4))
+    fargs = (x, v0, spike, h, v_out, sc["v_threshold"], sc["v_reset"], sc["tau"], 0, T, N)
+    bargs = (grad, gv, h, grad_x, gv0, sc["v_threshold"], sc["v_reset"], sc["tau"], sc["leak"], 0, T, N)
+    spec = ops.launch_spec(ops.spec_for(p, x.dtype), N, fargs[:5] + bargs[:5])
+    fwd = (*ops._forward_kernel(spec), N // spec.vec, fargs)
+    bwd = (*ops._backward_kernel(spec), N // spec.vec, bargs)
+    times = []
+    for kernel in (fwd, bwd):
+        times.append(cuda_time_ms(lambda k=kernel: [ops._cupy_launcher(*k) for _ in range(launches)]) / launches)
+    return times
+
+
 def scalar_kernels_ms(x, grad):
     """fwd+bwd ms of the one-neuron-per-thread kernels (vectorisation switched off for the call)."""
     vectorising = ops.launch_spec
@@ -115,7 +134,8 @@ def main(argv=None):
     peers = _sj_nodes()
     runnable = {k: v for k, v in peers.items() if not isinstance(v, str)}
     header = ["dtype", "T", "N", "cupy fwd ms", "fwd GB/s (% copy)", "cupy fwd+bwd ms", "fwd+bwd GB/s (% copy)",
-              "1 neuron/thread fwd+bwd ms", "torch fwd+bwd ms", "torch / cupy"]  # fmt: skip
+              "1 neuron/thread fwd+bwd ms", "kernel-only fwd GB/s (% copy)", "kernel-only bwd GB/s (% copy)",
+              "torch fwd+bwd ms", "torch / cupy"]  # fmt: skip
     header += [f"{k} fwd+bwd ms" for k in runnable] + [f"{k} / cupy" for k in runnable]
     rows = []
     for dtype in DTYPES:
@@ -129,11 +149,13 @@ def main(argv=None):
                 f_ms, fb_ms = time_node(node, x, grad)
                 fwd_bw, fb_bw = fwd_bytes / f_ms / 1e6, 2 * fwd_bytes / fb_ms / 1e6
                 scalar_ms = scalar_kernels_ms(x, grad)
+                kf_bw, kb_bw = (fwd_bytes / ms / 1e6 for ms in kernels_only_ms(x, grad))
                 tnode = neuron.LIFNode(step_mode="m", backend="torch")
                 _, t_ms = time_node(tnode, x, grad, with_forward=False)
                 row = [str(dtype).replace("torch.", ""), T, f"2^{N.bit_length() - 1}", f"{f_ms:.3f}",
                        f"{fwd_bw:.0f} ({100 * fwd_bw / copy_bw:.0f}%)", f"{fb_ms:.3f}",
-                       f"{fb_bw:.0f} ({100 * fb_bw / copy_bw:.0f}%)", f"{scalar_ms:.3f}", f"{t_ms:.3f}",
+                       f"{fb_bw:.0f} ({100 * fb_bw / copy_bw:.0f}%)", f"{scalar_ms:.3f}",
+                       f"{kf_bw:.0f} ({100 * kf_bw / copy_bw:.0f}%)", f"{kb_bw:.0f} ({100 * kb_bw / copy_bw:.0f}%)", f"{t_ms:.3f}",
                        f"{t_ms / fb_ms:.1f}x"]  # fmt: skip
                 peer_ms = []
                 for factory in runnable.values():
@@ -158,6 +180,7 @@ def main(argv=None):
         "LIFNode(tau=2, v_reset=0, Sigmoid), step_mode='m'; medians of 10 CUDA-event-timed runs,",
         "each a whole node call (reset, launch overhead included). 'cupy' runs the vectorised kernels",
         "(16-byte accesses: 4 float32 or 8 float16 neurons a thread); '1 neuron/thread' the scalar ones.",
+        "'kernel-only': the forward or backward kernel alone, 10 launches back to back (no node, no autograd).",
         "GB/s counts the bytes a fused kernel must move: forward (3T+2)N, backward (3T+2)N elements.",
         "'x / cupy' columns: that implementation's time divided by snnkit cupy's (above 1: snnkit faster).",
         "",
