@@ -23,9 +23,9 @@ Design and trade-offs:
   one 16-byte load or store per tensor and step, then runs the same per-neuron
   arithmetic on each. The launch layer picks it when ``N`` is a multiple of the width
   and the tensors are 16-byte aligned, the scalar kernel otherwise. Measured on an
-  H200 (``benchmarks/gpu``): 1.24-1.30x faster than one neuron per thread in float32
-  and 1.7x in float16 on bandwidth-bound shapes, 78-91% of the device's copy
-  bandwidth.
+  H200 (``benchmarks/gpu``, ``N = 2^24``): 1.2-1.3x faster than one neuron per
+  thread in float32 and 1.6-1.7x in float16; the kernels alone move 92-99% of the
+  device's copy bandwidth in float32, 91% (forward) and 75-77% (backward) in float16.
 * **Same arithmetic, same order as** :mod:`snnkit.neuron._reference`: the charge
   divides by ``tau`` (no precomputed ``1/tau``), fire is ``h >= v_threshold``,
   the hard reset is ``h - h*s + v_reset*s`` and the soft reset ``h + s*(-v_th)``.
