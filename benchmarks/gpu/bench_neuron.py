@@ -125,6 +125,7 @@ def main(argv=None):
     default_out = os.environ.get("SNNKIT_BENCH_RESULTS", os.path.join("benchmarks", "gpu", "results.md"))
     ap.add_argument("--out", default=default_out, help="results file (markdown)")
     ap.add_argument("--quick", action="store_true", help="N = 2^20 only")
+    ap.add_argument("--dtype", choices=["float32", "float16"], help="one dtype only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_neuron: no CUDA device; nothing to measure", file=sys.stderr)
@@ -138,7 +139,7 @@ def main(argv=None):
               "torch fwd+bwd ms", "torch / cupy"]  # fmt: skip
     header += [f"{k} fwd+bwd ms" for k in runnable] + [f"{k} / cupy" for k in runnable]
     rows = []
-    for dtype in DTYPES:
+    for dtype in [d for d in DTYPES if args.dtype in (None, str(d).replace("torch.", ""))]:
         e = torch.finfo(dtype).bits // 8
         for T in TS:
             for N in NS[:1] if args.quick else NS:

@@ -443,7 +443,7 @@ _BWD_TEMPLATE = r"""// snnkit fused multistep backward (BPTT): {name}
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N || T <= 0) return;
     // grad_h: the gradient reaching H[t + 1]; g: the one reaching V[t] from later steps
-    float grad_h = 0.0f;
+    float grad_h = 0.0f;{inv_tau}
     if (store_v_seq) {{  // grad_v is [T, N]: g = grad_v[t] + leak grad_h[t + 1]
         #pragma unroll 4
         for (int t = T - 1; t >= 0; t--) {{
@@ -470,7 +470,7 @@ _BWD_VEC_TEMPLATE = r"""// snnkit fused multistep backward (BPTT): {name}
 {header}{signature}
 {{{prologue}
     // gh[e]: the gradient reaching H[t + 1]; g: the one reaching V[t] from later steps
-    float gh[{vec}];
+    float gh[{vec}];{inv_tau}
     #pragma unroll
     for (int e = 0; e < {vec}; e++) gh[e] = 0.0f;
     if (store_v_seq) {{  // grad_v is [T, N]: g = grad_v[t] + leak gh[t + 1]
@@ -528,7 +528,12 @@ def backward_source(spec: KernelSpec) -> str:
     dv_dh = _dv_dh(spec)
     vec = spec.vec > 1
     gh = "gh[e]" if vec else "grad_h"
-    grad_x = f"{gh} / tau" if spec.neuron == "lif" and spec.decay_input else gh
+    decays = spec.neuron == "lif" and spec.decay_input
+    # float16 stores grad_x rounded to half: a multiplication by 1/tau (at most one float
+    # ulp from the division) is invisible there and takes the kernel off the compute limit.
+    half = spec.dtype == "float16"
+    grad_x = (f"{gh} * inv_tau" if half else f"{gh} / tau") if decays else gh
+    inv_tau = "\n    const float inv_tau = 1.0f / tau;" if decays and half else ""
     step = _BWD_STEP.format(
         load_h=load.format("hv.e[e]" if vec else "h_seq[k]"),
         surrogate=spec.surrogate_code,
@@ -539,7 +544,8 @@ def backward_source(spec: KernelSpec) -> str:
         gx="gxv.e[e]" if vec else "grad_x_seq[k]",
         store_gx=store.format(grad_x),
     )
-    common = dict(name=name, header=_vec_header(spec, header), signature=_signature(name, backward_params(spec)))
+    common = dict(name=name, header=_vec_header(spec, header), signature=_signature(name, backward_params(spec)),
+                  inv_tau=inv_tau)
     if not vec:
         return _BWD_TEMPLATE.format(
             step=step,
