@@ -25,8 +25,11 @@ Design and trade-offs:
   and the tensors are 16-byte aligned, the scalar kernel otherwise. Measured on an
   H200 (``benchmarks/gpu``, ``N = 2^24``): 1.2-1.3x faster than one neuron per
   thread in float32 and 1.6-1.7x in float16; the kernels alone move 92-99% of the
-  device's copy bandwidth in float32, 91% (forward) and 75-77% (backward) in float16.
-* **Same arithmetic, same order as** :mod:`snnkit.neuron._reference`: the charge
+  device's copy bandwidth in float32 and float16.
+* **Same arithmetic, same order as** :mod:`snnkit.neuron._reference` (one
+  exception: the float16 backward multiplies by ``1/tau`` where the reference divides;
+  the difference, at most a float ulp, disappears when the gradient is rounded to
+  half, and the division made that kernel compute-bound): the charge
   divides by ``tau`` (no precomputed ``1/tau``), fire is ``h >= v_threshold``,
   the hard reset is ``h - h*s + v_reset*s`` and the soft reset ``h + s*(-v_th)``.
   Kernels are compiled without fast math and with ``--fmad=false``, so float32
