@@ -549,3 +549,33 @@ def test_tc_parameter_gradients_shared_between_parameters_and_hooks_once(n_chunk
     for u, v in zip(*grads):
         torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
     assert fired == {name: 1 for name, _ in tc.named_parameters()}
+
+
+def test_recompute_takes_from_the_payload_by_storage_identity_not_address():
+    """The recompute saves views of its decompressed input as references to the payload.
+
+    Only tensors of that very storage qualify: another storage at the same address (a
+    numpy alias here; in a real run, memory reused after the input was freed) must be
+    saved as itself, or backward would read the payload's values in its place.
+    """
+    from snnkit.memopt.checkpointing import _input_from_payload
+
+    comp = BitSpikeCompressor()
+    x = (torch.rand(64) < 0.5).float()
+    c = comp.compress(x)
+    alias = torch.from_numpy(x.numpy())
+    assert alias.data_ptr() == x.data_ptr()
+    assert alias.untyped_storage()._cdata != x.untyped_storage()._cdata
+    w = torch.ones(64, requires_grad=True)
+    with _input_from_payload(x, comp, c):
+        from_x = (x[::2] * w[::2]).sum().grad_fn.next_functions[0][0]
+        from_alias = (alias * w).sum().grad_fn.next_functions[0][0]
+    saved_x, saved_alias = from_x._saved_self, from_alias._saved_self
+    assert saved_x.data_ptr() != x.data_ptr() and torch.equal(saved_x, x[::2])  # rebuilt from the payload
+    assert saved_alias.data_ptr() == alias.data_ptr()  # kept as itself
+    hooks = _input_from_payload(saved_x, comp, c)
+    del saved_x, from_x  # the input is freed: nothing is taken from the payload any more
+    z = torch.ones(32)
+    with hooks:
+        saved_z = (z * w[:32]).sum().grad_fn.next_functions[0][0]._saved_self
+    assert saved_z.data_ptr() == z.data_ptr()
