@@ -111,6 +111,19 @@ def test_spec_validation():
         codegen.make_spec("lif", True, True, False, sg, "float64")
     with pytest.raises(ValueError, match="decay_input applies to 'lif' only"):
         codegen.KernelSpec("if", True, True, False, "float32", "sigmoid_4p0", "")
+    with pytest.raises(ValueError, match="vec must be 1 or 8 for float16, got 4"):
+        codegen.make_spec("lif", True, True, False, sg, "float16", vec=4)
+
+
+def test_vectorised_names_and_choice():
+    sg = surrogate.Sigmoid()
+    spec = codegen.make_spec("lif", True, True, False, sg, "float32")
+    vec = ops.launch_spec(spec, 8, [torch.zeros(8)])
+    assert vec.vec == 4 and codegen.forward_name(vec) == "snnkit_lif_fwd_f32x4_hard"
+    assert "struct __align__(16) snnkit_f32x4" in codegen.forward_source(vec)
+    assert ops.launch_spec(spec, 6, [torch.zeros(6)]) is spec  # 6 neurons: not a multiple of 4
+    assert ops.launch_spec(spec, 8, [torch.zeros(9)[1:]]) is spec  # 4 bytes off alignment
+    assert ops.launch_spec(spec, 8, [torch.zeros(8), None]) == vec  # absent tensors do not count
 
 
 def test_kernel_scalars_follow_the_reference():
