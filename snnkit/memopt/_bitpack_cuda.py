@@ -1,6 +1,6 @@
 """CUDA bit packing for :class:`BitSpikeCompressor`: 8 spikes a byte, validity flag in the same pass.
 
-Layout (the same as the torch implementation in :mod:`snnkit.memopt.compress`):
+Layout (the same as the CPU implementation in :mod:`snnkit.memopt.compress`):
 element ``i`` of the flattened tensor goes to byte ``i // 8``, bit ``i % 8``
 (little-endian within a byte); the last byte is zero-padded.
 

@@ -45,6 +45,7 @@ Example:
 """
 from typing import Any, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -269,48 +270,42 @@ class Uint8SpikeCompressor(BaseSpikeCompressor):
         return payload.to(dtype).view(shape)
 
 
-_POWERS = {}
-_LUTS = {}
+_BIT_CHUNK = 1 << 20  # elements per numpy call: bounds numpy's temporaries at 1 MiB
 
 
 def _bit_pack(s: torch.Tensor) -> torch.Tensor:
-    """Pack a flat tensor of zeros and ones 8 per byte, least significant bit first.
+    """Pack a flat CPU tensor of zeros and ones 8 per byte, least significant bit first.
 
-    float32/float64 go through one matrix-vector product with ``[1, 2, ..., 128]``
-    (exact: sums of distinct powers of two); other dtypes through bytes.
+    numpy's ``packbits`` on the truth values (``-0.0`` is zero), a chunk at a time
+    into a torch tensor, so that the payload is torch memory (seen by
+    :class:`~snnkit.memopt.MemoryTracker`) and numpy's temporaries stay small.
     """
-    n = s.numel()
-    if n % 8:
-        s = torch.cat([s, s.new_zeros(8 - n % 8)])
-    if s.numel() == 0:
-        return torch.empty(0, dtype=torch.uint8, device=s.device)
-    if s.dtype in (torch.float32, torch.float64):
-        key = (s.device, s.dtype)
-        powers = _POWERS.get(key)
-        if powers is None:
-            powers = _POWERS[key] = (2 ** torch.arange(8, device=s.device)).to(s.dtype)
-        return torch.mv(s.view(-1, 8), powers).to(torch.uint8)
-    u = s.to(torch.uint8) if s.dtype != torch.bool else s.view(torch.uint8)
-    # Each group of 8 bytes (one 0/1 each) read as a little-endian int64 and
-    # multiplied so that byte i lands in bit 56 + i; carries never reach there.
-    x = u.view(-1, 8).view(torch.int64).mul(0x0102040810204080).bitwise_right_shift_(56)
-    return x.view(-1).to(torch.uint8)
+    s = s.detach()
+    if s.dtype == torch.bfloat16:  # numpy has no bfloat16
+        s = s != 0
+    flat, n = s.numpy(), s.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    for i in range(0, n, _BIT_CHUNK):
+        chunk = flat[i : i + _BIT_CHUNK].astype(np.bool_, copy=False)
+        out[i // 8 : (i + len(chunk) + 7) // 8] = torch.from_numpy(np.packbits(chunk, bitorder="little"))
+    return out
 
 
 def _bit_unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`_bit_pack`: a flat tensor of ``numel`` zeros and ones of ``dtype``."""
-    key = (packed.device, dtype)
-    lut = _LUTS.get(key)
-    if lut is None:  # row b: the 8 bits of the byte b
-        bits = (torch.arange(256, device=packed.device)[:, None] >> torch.arange(8, device=packed.device)) & 1
-        lut = _LUTS[key] = bits.to(dtype)
-    return torch.index_select(lut, 0, packed.view(-1).int()).view(-1)[:numel]
+    """Inverse of :func:`_bit_pack`: a flat CPU tensor of ``numel`` zeros and ones of ``dtype``."""
+    src = packed.detach().numpy()
+    out = torch.empty(numel, dtype=dtype)
+    for i in range(0, numel, _BIT_CHUNK):
+        count = min(_BIT_CHUNK, numel - i)
+        bits = np.unpackbits(src[i // 8 : (i + count + 7) // 8], count=count, bitorder="little")
+        out[i : i + count] = torch.from_numpy(bits)
+    return out
 
 
 class BitSpikeCompressor(BaseSpikeCompressor):
     """Pack binary spikes 8 to a byte (1/32 of float32).
 
-    CPU tensors use a vectorised torch implementation; CUDA tensors use the
+    CPU tensors use numpy's ``packbits``/``unpackbits``; CUDA tensors use the
     kernels of ``snnkit.memopt._bitpack_cuda``. See the module docstring for
     the bit order and the validity check.
 
