@@ -274,13 +274,16 @@ _BIT_CHUNK = 1 << 20  # elements per numpy call: bounds numpy's temporaries at 1
 
 
 def _bit_pack(s: torch.Tensor) -> torch.Tensor:
-    """Pack a flat CPU tensor of zeros and ones 8 per byte, least significant bit first.
+    """Pack a flat tensor of zeros and ones 8 per byte, least significant bit first.
 
-    numpy's ``packbits`` on the truth values (``-0.0`` is zero), a chunk at a time
-    into a torch tensor, so that the payload is torch memory (seen by
+    CPU: numpy's ``packbits`` on the truth values (``-0.0`` is zero), a chunk at a
+    time into a torch tensor, so that the payload is torch memory (seen by
     :class:`~snnkit.memopt.MemoryTracker`) and numpy's temporaries stay small.
+    Other devices: :func:`_bit_pack_torch`.
     """
     s = s.detach()
+    if s.device.type != "cpu":
+        return _bit_pack_torch(s)
     if s.dtype == torch.bfloat16:  # numpy has no bfloat16
         s = s != 0
     flat, n = s.numpy(), s.numel()
@@ -292,7 +295,9 @@ def _bit_pack(s: torch.Tensor) -> torch.Tensor:
 
 
 def _bit_unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`_bit_pack`: a flat CPU tensor of ``numel`` zeros and ones of ``dtype``."""
+    """Inverse of :func:`_bit_pack`: a flat tensor of ``numel`` zeros and ones of ``dtype``."""
+    if packed.device.type != "cpu":
+        return _bit_unpack_torch(packed, numel, dtype)
     src = packed.detach().numpy()
     out = torch.empty(numel, dtype=dtype)
     for i in range(0, numel, _BIT_CHUNK):
@@ -302,11 +307,27 @@ def _bit_unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.T
     return out
 
 
+def _bit_pack_torch(s: torch.Tensor) -> torch.Tensor:
+    """:func:`_bit_pack` in torch operations only, for devices without kernels of ours (e.g. MPS)."""
+    u = (s != 0).view(torch.uint8)
+    if u.numel() % 8:
+        u = torch.cat([u, u.new_zeros(8 - u.numel() % 8)])
+    # Each group of 8 bytes (one 0/1 each) read as a little-endian int64 and
+    # multiplied so that byte i lands in bit 56 + i; carries never reach there.
+    return u.view(-1, 8).view(torch.int64).mul(0x0102040810204080).bitwise_right_shift_(56).view(-1).to(torch.uint8)
+
+
+def _bit_unpack_torch(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_bit_unpack` in torch operations only."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed.view(-1, 1) >> shifts) & 1).view(-1)[:numel].to(dtype)
+
+
 class BitSpikeCompressor(BaseSpikeCompressor):
     """Pack binary spikes 8 to a byte (1/32 of float32).
 
-    CPU tensors use numpy's ``packbits``/``unpackbits``; CUDA tensors use the
-    kernels of ``snnkit.memopt._bitpack_cuda``. See the module docstring for
+    CPU tensors use numpy's ``packbits``/``unpackbits``, CUDA tensors the kernels
+    of ``snnkit.memopt._bitpack_cuda``, other devices torch operations. See the module docstring for
     the bit order and the validity check.
 
     Example:

@@ -10,7 +10,7 @@ from snnkit.memopt import (
     SparseSpikeCompressor,
     Uint8SpikeCompressor,
 )
-from snnkit.memopt.compress import _bit_pack, _bit_unpack
+from snnkit.memopt.compress import _bit_pack, _bit_pack_torch, _bit_unpack, _bit_unpack_torch
 
 ALL = [NullSpikeCompressor, BooleanSpikeCompressor, Uint8SpikeCompressor, BitSpikeCompressor, SparseSpikeCompressor]
 STRICT = [BooleanSpikeCompressor, BitSpikeCompressor]
@@ -59,16 +59,27 @@ def test_sizes():
     assert NullSpikeCompressor().compress(s).payload[0] is s
 
 
-def test_bit_layout_lsb_first():
+@pytest.mark.parametrize("impl", ["numpy", "torch"])
+def test_bit_layout_lsb_first(impl):
+    pack, unpack = (_bit_pack, _bit_unpack) if impl == "numpy" else (_bit_pack_torch, _bit_unpack_torch)
     for dtype in (torch.bool, *DTYPES):
         b = torch.zeros(17, dtype=dtype)
         b[[0, 3, 8, 15, 16]] = 1
-        packed = _bit_pack(b)
+        packed = pack(b)
         assert packed.tolist() == [0b1001, 0b10000001, 0b1]
-        assert torch.equal(_bit_unpack(packed, 17, dtype), b)
+        assert torch.equal(unpack(packed, 17, dtype), b)
         # every byte value round trips
         allbytes = torch.arange(256).to(torch.uint8)
-        assert torch.equal(_bit_pack(_bit_unpack(allbytes, 2048, dtype)), allbytes)
+        assert torch.equal(pack(unpack(allbytes, 2048, dtype)), allbytes)
+
+
+def test_bit_packing_chunk_boundaries_and_both_implementations_agree():
+    n = 2 * (1 << 20) + 13  # three numpy chunks, the last one partial and not a multiple of 8
+    s = (torch.rand(n) < 0.3).float()
+    packed = _bit_pack(s)
+    assert torch.equal(packed, _bit_pack_torch(s)) and packed.numel() == (n + 7) // 8
+    assert torch.equal(_bit_unpack(packed, n, torch.float32), s)
+    assert torch.equal(_bit_unpack_torch(packed, n, torch.float32), s)
 
 
 @pytest.mark.parametrize("comp", STRICT + [Uint8SpikeCompressor], ids=lambda c: c.__name__)

@@ -55,7 +55,7 @@ def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
 
 @functools.lru_cache(maxsize=256)
 def _spec(kind, decay_input, hard_reset, detach_reset, surrogate_key, surrogate, dtype):
-    # surrogate_key makes equal surrogates share an entry; the object supplies the CUDA text
+    # Cached per surrogate object; surrogate_key makes a surrogate whose alpha changed since a new entry.
     return codegen.make_spec(kind, decay_input, hard_reset, detach_reset, surrogate, dtype)
 
 
