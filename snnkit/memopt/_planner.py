@@ -179,8 +179,12 @@ def _batch_slice(net: nn.Module, inputs: tuple, batch_dim: Optional[int]) -> Tup
     if first is None or first.dim() <= batch_dim or first.shape[batch_dim] <= 1:
         return inputs, 1.0
     n = first.shape[batch_dim]
+    # A copy, not a view: a view would count the whole batch's storage wherever the
+    # slice is saved for backward (the first block's input, for one).
     cut = tuple(
-        t.narrow(batch_dim, 0, 1) if isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == n else t
+        t.narrow(batch_dim, 0, 1).clone()
+        if isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == n
+        else t
         for t in inputs
     )
     return cut, float(n)
