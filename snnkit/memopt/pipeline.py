@@ -264,11 +264,15 @@ class MemOptSummary:
             several consecutive blocks, whose other sites hold placeholders;
             ``retained_bytes`` is not modelled for those and reads 0).
         peak_before: Peak live tensor bytes of a plain step (estimated from
-            the measurements, calibrated by the verification step).
+            the measurements, calibrated by the sampled or verification step).
         peak_after: Peak of a step of the planned net (measured when
             ``verified``, else estimated).
         peak_after_estimate: The planner's own estimate of ``peak_after``.
-        est_slowdown: Estimated step time of the plan over a plain step.
+        est_slowdown: Estimated step time of the plan over a plain step: one
+            plain step plus the forwards the plan recomputes. A lower bound:
+            it leaves out the cost of splitting work into temporal chunks and
+            of compression (measured: 1.27-1.69x on CPU for plans estimated at
+            1.13-1.24x), and on a GPU the host time of small batches.
         plain_step_s: Time of a plain step as measured under the memory tracker
             (which slows every op; compare it only with ``recompute_s``).
         planning_s: Wall time of planning.
