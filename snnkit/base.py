@@ -160,6 +160,29 @@ def _memory_modules(module: nn.Module) -> Iterator[Tuple[str, MemoryModule]]:
             yield prefix, m
 
 
+def _memory_module_list(module: nn.Module) -> List[MemoryModule]:
+    """The memory modules of the tree in ``named_modules`` order, without building names.
+
+    memopt walks a segment's tree several times per step; this walk is about four
+    times cheaper than ``named_modules``.
+    """
+    out: List[MemoryModule] = []
+    seen = set()
+
+    def visit(m: nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        if isinstance(m, MemoryModule):
+            out.append(m)
+        for child in m._modules.values():
+            if child is not None:
+                visit(child)
+
+    visit(module)
+    return out
+
+
 def named_memories(module: nn.Module) -> Iterator[Tuple[str, Any]]:
     """Iterate over ``(dotted_name, value)`` of every memory in the tree.
 
@@ -177,8 +200,8 @@ def named_memories(module: nn.Module) -> Iterator[Tuple[str, Any]]:
 
 def memories(module: nn.Module) -> Iterator[Any]:
     """Iterate over the values of every memory in the tree, in the fixed order."""
-    for _, value in named_memories(module):
-        yield value
+    for m in _memory_module_list(module):
+        yield from m.memories()
 
 
 def extract_memories(module: nn.Module) -> List[Any]:
@@ -193,7 +216,7 @@ def load_memories(module: nn.Module, values: List[Any]) -> None:
         ValueError: if the list length differs from the number of memories.
     """
     values = list(values)
-    modules = [m for _, m in _memory_modules(module)]
+    modules = _memory_module_list(module)
     expected = sum(len(m._memories) for m in modules)
     if len(values) != expected:
         raise ValueError(f"load_memories got {len(values)} values, but the module tree has {expected} memories")

@@ -102,3 +102,15 @@ def test_deepcopy_and_pickle_keep_memories():
         assert torch.equal(clone.total, torch.ones(2))
         clone.reset()
         assert clone.total == 0.0 and torch.equal(m.total, torch.ones(2))
+
+
+def test_fast_walk_matches_named_modules_order_with_shared_modules():
+    shared = neuron.LIFNode()
+    inner = nn.Sequential(neuron.IFNode(), nn.Linear(2, 2), shared)
+    net = nn.Sequential(shared, inner, nn.ModuleList([inner, neuron.IFNode(), None]), shared)
+    net.add_module("late", neuron.LIFNode())
+    expected = [m for _, m in base._memory_modules(net)]
+    assert base._memory_module_list(net) == expected and len(expected) == 4  # each module once
+    values = [torch.full((1,), float(i)) for i in range(4)]
+    base.load_memories(net, values)
+    assert base.extract_memories(net) == values and [v for _, v in base.named_memories(net)] == values
