@@ -149,3 +149,18 @@ def test_import_never_loads_cupy():
         "assert 'cupy' not in sys.modules, 'cupy imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spec_for_caches_per_surrogate_and_accepts_unhashable_ones():
+    sg = surrogate.Sigmoid()
+    p = _reference.NeuronParams("lif", 1.0, 0.0, False, sg)
+    assert ops.spec_for(p, torch.float32) is ops.spec_for(p, torch.float32)
+    sg.alpha = 2.0  # a changed surrogate gets a new spec, not the cached one
+    assert ops.spec_for(p, torch.float32).surrogate == "sigmoid_2p0"
+
+    class ByValue(surrogate.Sigmoid):
+        def __eq__(self, other):  # defines __eq__ only: instances are unhashable
+            return isinstance(other, ByValue)
+
+    q = _reference.NeuronParams("lif", 1.0, 0.0, False, ByValue())
+    assert ops.spec_for(q, torch.float16).surrogate == "byvalue_4p0"

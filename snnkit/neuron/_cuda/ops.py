@@ -50,7 +50,11 @@ def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
             f"backend='cupy' supports float32 and float16 tensors, got {dtype}; "
             "cast the input with .float() or .half(), or use backend='torch'"
         )
-    return _spec(p.kind, p.decay_input, p.hard_reset, p.detach_reset, p.surrogate.key, p.surrogate, _TORCH_DTYPES[dtype])
+    args = (p.kind, p.decay_input, p.hard_reset, p.detach_reset, p.surrogate.key, p.surrogate, _TORCH_DTYPES[dtype])
+    try:
+        return _spec(*args)
+    except TypeError:  # an unhashable custom surrogate: build the spec uncached
+        return _spec.__wrapped__(*args)
 
 
 @functools.lru_cache(maxsize=256)
