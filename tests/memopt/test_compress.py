@@ -80,6 +80,12 @@ def test_bit_packing_chunk_boundaries_and_both_implementations_agree():
     assert torch.equal(packed, _bit_pack_torch(s)) and packed.numel() == (n + 7) // 8
     assert torch.equal(_bit_unpack(packed, n, torch.float32), s)
     assert torch.equal(_bit_unpack_torch(packed, n, torch.float32), s)
+    comp = BitSpikeCompressor()
+    assert not bool(comp.compress(s).flag)
+    for bad in (0.5, float("nan"), -1.0):  # in a later chunk than the first
+        t = s.clone()
+        t[(1 << 20) + 5] = bad
+        assert bool(comp.compress(t).flag)
 
 
 @pytest.mark.parametrize("comp", STRICT + [Uint8SpikeCompressor], ids=lambda c: c.__name__)
