@@ -293,10 +293,12 @@ def _bit_pack_checked(s: torch.Tensor, check: bool) -> Tuple[torch.Tensor, Optio
     On CPU the check compares each chunk with its truth values in the same pass
     (no input-sized temporary); bfloat16 and other devices use :func:`_invalid_binary`.
     """
-    s = s.detach()
-    if s.device.type != "cpu" or s.dtype == torch.bfloat16:  # numpy has no bfloat16
+    s, flag = s.detach(), None
+    if s.device.type != "cpu" or s.dtype == torch.bfloat16:
         flag = _invalid_binary(s) if check else None
-        return (_bit_pack_torch(s) if s.device.type != "cpu" else _bit_pack_checked(s != 0, False)[0]), flag
+        if s.device.type != "cpu":
+            return _bit_pack_torch(s), flag
+        s, check = s != 0, False  # numpy has no bfloat16; the flag is computed above
     flat, n = s.numpy(), s.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
     bad = False
@@ -305,7 +307,7 @@ def _bit_pack_checked(s: torch.Tensor, check: bool) -> Tuple[torch.Tensor, Optio
         truth = chunk.astype(np.bool_, copy=False)
         bad = bad or (check and not np.array_equal(chunk, truth))  # NaN, 0.5, 2, -1, ... differ
         out[i // 8 : (i + len(chunk) + 7) // 8] = torch.from_numpy(np.packbits(truth, bitorder="little"))
-    return out, (torch.tensor(bad) if check and n else None)
+    return out, (torch.tensor(bad) if check and n else flag)
 
 
 def _bit_unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,6 @@ flash-attention rule (error at most twice that of torch's own float16 run) as we
 as a tight bound against the float32 backward from the saved half ``h_seq``.
 A call-count sentinel makes a silent torch fallback fail.
 """
-import dataclasses
 import importlib.util
 import itertools
 import os
@@ -84,13 +83,6 @@ def _cuda(*ts, dtype=torch.float32):
     return [t.to(DEVICE, dtype) for t in ts]
 
 
-def _launched(p, dtype, vec):
-    """Names of the forward and backward kernels a run should launch."""
-    spec = ops.spec_for(p, dtype)
-    spec = dataclasses.replace(spec, vec=codegen.VECTOR_WIDTH[spec.dtype]) if vec else spec
-    return [codegen.forward_name(spec), codegen.backward_name(spec)]
-
-
 @pytest.mark.parametrize("width", ["scalar", "vec"])
 @pytest.mark.parametrize("neuron,reset,detach,sg,store", CONFIGS, ids=IDS)
 def test_float32_matches_cpu_reference(neuron, reset, detach, sg, store, width, sentinel):
@@ -100,7 +92,7 @@ def test_float32_matches_cpu_reference(neuron, reset, detach, sg, store, width, 
     ref = _run(lambda a, b: _reference.multistep(a, b, p, store), x, v, gs, gv, store)
     xc, vc = _cuda(x, v)
     got = _run(lambda a, b: ops.multistep(a, b, p, store), xc, vc, gs, gv, store)
-    assert sentinel == _launched(p, torch.float32, width == "vec")
+    assert sentinel == _shared.launched(p, torch.float32, width == "vec")
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-5)
@@ -120,7 +112,7 @@ def test_float16_flash_attention_rule(neuron, reset, detach, sg, store, width, s
     spike, v_out = ops.multistep(xk, vk, p, store)
     (h16,) = spike.grad_fn.saved_tensors
     ((spike * gs.to(DEVICE)).sum() + (v_out * gv_used.to(DEVICE)).sum()).backward()
-    assert sentinel == _launched(p, torch.float16, width == "vec")
+    assert sentinel == _shared.launched(p, torch.float16, width == "vec")
     assert spike.dtype == v_out.dtype == h16.dtype == torch.float16
     ref_spike, ref_v, ref_h = _f16_reference(x, v, p, store)
     assert torch.equal(spike.cpu(), ref_spike) and torch.equal(v_out.cpu(), ref_v) and torch.equal(h16.cpu(), ref_h)
@@ -168,7 +160,7 @@ def test_misaligned_input_takes_the_scalar_forward(dtype, sentinel):
         (spike * gs).sum().backward()
         runs.append((list(sentinel), spike, v_last))
     (odd_calls, *odd), (calls, *aligned) = runs
-    scalar, vec = _launched(p, dtype, False), _launched(p, dtype, True)
+    scalar, vec = _shared.launched(p, dtype, False), _shared.launched(p, dtype, True)
     assert calls == vec and odd_calls == [scalar[0], vec[1]]
     assert all(torch.equal(a, b) for a, b in zip(odd, aligned))
     assert torch.equal(buf.grad[1:].view_as(x), x_al.grad)

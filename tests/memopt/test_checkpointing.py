@@ -198,6 +198,15 @@ def test_nested_segments_keep_the_flag_and_gradients():
     _assert_same(_step(plain_ref, x, "m"), _step(outer, x, "m"), exact=False)
 
 
+def _seeded_steps(plain, gc, x, mode, seed):
+    """One step of each net from the same global RNG state: ``(plain result, GC result)``."""
+    out = []
+    for net in (plain, gc):
+        torch.manual_seed(seed)
+        out.append(_step(net, x, mode))
+    return out
+
+
 def test_dropout_rng_replay():
     def net():
         torch.manual_seed(3)
@@ -211,10 +220,7 @@ def test_dropout_rng_replay():
     plain = net()
     gc = GCContainer(BitSpikeCompressor(), *copy.deepcopy(list(plain)))
     x = _spikes(T, N, 5, dtype=torch.float64)
-    torch.manual_seed(7)
-    ref = _step(plain, x, "m")
-    torch.manual_seed(7)
-    got = _step(gc, x, "m")
+    ref, got = _seeded_steps(plain, gc, x, "m", seed=7)
     _assert_same(ref, got, exact=True)
     assert torch.equal(plain[2].mask, gc[2].mask)
     # The backward does not consume random numbers of the global stream.
@@ -234,10 +240,7 @@ def test_dropout_mask_state_in_single_step_mode():
     plain = nn.Sequential(layer.Linear(5, 6), layer.Dropout(0.5), neuron.IFNode(v_threshold=0.2)).double()
     gc = GCContainer(None, *copy.deepcopy(list(plain)))
     x = _spikes(T, N, 5, dtype=torch.float64)
-    torch.manual_seed(4)
-    ref = _step(plain, x, "s")
-    torch.manual_seed(4)
-    got = _step(gc, x, "s")
+    ref, got = _seeded_steps(plain, gc, x, "s", seed=4)
     _assert_same(ref, got, exact=False)
 
 

@@ -10,7 +10,6 @@ round-to-nearest-even, as ``__float2half_rn``). What it cannot check: real
 parallel execution, CUDA's own ``expf``/``atanf`` ulps, NVRTC quirks (the GPU suite
 in ``tests/gpu`` does).
 """
-import dataclasses
 import functools
 import importlib.util
 import itertools
@@ -98,13 +97,6 @@ def _run(fn, x, v, gs, gv, store):
 CONFIGS = list(itertools.product(NEURONS, ("hard", "soft"), ("detach", "nodetach"), SURROGATES, ("store", "last")))
 
 
-def _launched(p, dtype, vec):
-    """Names of the forward and backward kernels a run should launch."""
-    spec = ops.spec_for(p, dtype)
-    spec = dataclasses.replace(spec, vec=codegen.VECTOR_WIDTH[spec.dtype]) if vec else spec
-    return [codegen.forward_name(spec), codegen.backward_name(spec)]
-
-
 # 111 neurons: 2 blocks and a partial one, one neuron per thread; 108: 4 per thread (27 threads)
 WIDTHS = {"scalar": 37, "vec": 36}
 
@@ -119,7 +111,7 @@ def test_kernels_match_torch_float32(neuron, reset, detach, sg, store, variant, 
     launcher = EmuLauncher(block=16)
     got = _run(lambda a, b: ops._FusedMultiStep.apply(a, b, p, store, launcher), x, v, gs, gv, store)
     ref = _run(lambda a, b: _reference.multistep(a, b, p, store), x, v, gs, gv, store)
-    assert launcher.calls == _launched(p, torch.float32, width == "vec")
+    assert launcher.calls == _kernels.launched(p, torch.float32, width == "vec")
     assert 0.05 < ref[0].mean() < 0.95  # the test exercises both branches of the reset
     assert torch.equal(got[0], ref[0])  # spikes, bit for bit
     assert torch.equal(got[1], ref[1])  # v_seq or v_last, bit for bit
@@ -148,7 +140,7 @@ def test_kernels_match_torch_float16(neuron, reset, detach, sg, store, width):
     gx, gv0 = ref_backward(h16.float(), p, store, gs.float(), (gv if store else gv[-1]).float())
     torch.testing.assert_close(xk.grad.float(), gx.half().float(), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(vk.grad.float(), gv0.half().float(), rtol=2e-3, atol=1e-4)
-    assert launcher.calls == _launched(p, torch.float16, width == "vec")
+    assert launcher.calls == _kernels.launched(p, torch.float16, width == "vec")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -166,7 +158,7 @@ def test_misaligned_input_takes_the_scalar_forward(dtype):
         (spike * gs).sum().backward()
         runs.append((launcher.calls, spike, v_last))
     (odd_calls, *odd), (calls, *aligned) = runs
-    scalar, vec = _launched(p, dtype, False), _launched(p, dtype, True)
+    scalar, vec = _kernels.launched(p, dtype, False), _kernels.launched(p, dtype, True)
     assert calls == vec and odd_calls == [scalar[0], vec[1]]  # backward's own tensors are aligned
     assert all(torch.equal(a, b) for a, b in zip(odd, aligned))
     assert torch.equal(buf.grad[1:].view_as(x), x_al.grad)

@@ -44,27 +44,26 @@ def _compile_or_skip(net):
         pytest.skip(f"torch.compile is unavailable: {e}")
 
 
-def test_compile_plain_net_one_graph_matches_eager():
+def _compiled_and_eager(kind, grad_rtol, grad_atol):
+    """Compile a ``kind`` net, compare outputs (exact) and gradients with an eager twin; returns the counter."""
     x, _ = data(T=4, N=8)
-    net, ref = make_net("plain"), make_net("plain")
+    net, ref = make_net(kind), make_net(kind)
     compiled, counter = _compile_or_skip(net)
     y, g = _run(compiled, x)
     y_ref, g_ref = _run(ref, x)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_atol)
+    return counter
+
+
+def test_compile_plain_net_one_graph_matches_eager():
+    counter = _compiled_and_eager("plain", 1e-5, 1e-6)
     assert counter.frame_count == 1  # one graph, no break
 
 
 def test_compile_gc_net_breaks_at_segments_and_stays_exact():
     """(``TCGCContainer`` behaves the same, with a break per chunk; not run here to save time.)"""
     memopt_or_skip()
-    x, _ = data(T=4, N=8)
-    net, ref = make_net("gc"), make_net("gc")
-    compiled, counter = _compile_or_skip(net)
-    y, g = _run(compiled, x)
-    y_ref, g_ref = _run(ref, x)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    counter = _compiled_and_eager("gc", 0, 0)
     assert counter.frame_count >= 2  # the graphs between the segments: each segment is a break

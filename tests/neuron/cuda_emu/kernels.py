@@ -6,7 +6,7 @@ import torch
 from snnkit import surrogate
 from snnkit.memopt import _bitpack_cuda as bitpack
 from snnkit.neuron import _reference
-from snnkit.neuron._cuda import codegen
+from snnkit.neuron._cuda import codegen, ops
 
 SURROGATES = {
     "sigmoid": lambda: surrogate.Sigmoid(alpha=4.0),
@@ -55,3 +55,10 @@ def ref_backward(h, p, store, grad_spike, grad_v):
     ctx.saved_tensors, ctx.p, ctx.store_v_seq, ctx.needs_input_grad = (h,), p, store, (True, True, False, False)
     gx, gv0, _, _ = _reference._MultiStep.backward(ctx, grad_spike, grad_v)
     return gx, gv0
+
+
+def launched(p, dtype, vec):
+    """Names of the forward and backward kernels a run of ``p`` on ``dtype`` launches (``vec``: vectorised)."""
+    spec = ops.spec_for(p, dtype)
+    spec = ops._vectorised(spec) if vec else spec
+    return [codegen.forward_name(spec), codegen.backward_name(spec)]
