@@ -87,6 +87,7 @@ def test_tutorial_script_runs(script, monkeypatch, tmp_path):
         plt.close("all")
 
 
+@pytest.mark.slow
 def test_demo_under_torchrun_with_two_gloo_ranks(tmp_path):
     import socket
     import subprocess

@@ -17,6 +17,8 @@ import torch
 
 from ._nets import data, make_net, memopt_or_skip
 
+pytestmark = pytest.mark.slow
+
 dynamo = pytest.importorskip("torch._dynamo")
 
 

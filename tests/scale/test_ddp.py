@@ -24,7 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ._nets import StepLoop, data, make_net, memopt_or_skip, train_step
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+]
 
 WORLD, N, T, STEPS, LR = 2, 8, 4, 2, 0.5
 

@@ -17,6 +17,8 @@ from snnkit import functional, neuron
 
 from ._nets import data, make_net, memopt_or_skip, run_seq
 
+pytestmark = pytest.mark.slow
+
 STEPS, WARMUP = 200, 3
 
 
