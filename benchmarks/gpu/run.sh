@@ -47,7 +47,7 @@ section "memory benchmark on CUDA, backend cupy" 45 "$PY" benchmarks/memory.py -
 section "planner benchmark on CUDA" 75 "$PY" benchmarks/planner.py --device cuda --repeat 3; plan_rc=$?
 full_rc=0
 if [ "${SNNKIT_FULL_SUITE:-0}" = 1 ]; then
-    section "whole suite on the GPU machine" 150 "$PY" -m pytest -q -x $XDIST -p no:cacheprovider; full_rc=$?
+    section "whole suite on the GPU machine" 150 "$PY" -m pytest -q -x --run-slow $XDIST -p no:cacheprovider; full_rc=$?
 fi
 
 {
