@@ -13,6 +13,7 @@ and ``num_batches_tracked`` exactly once per step, as a plain step does.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from ._context import in_gc_1st_forward
 from .base import MemoryModule, StepModule
@@ -88,9 +89,69 @@ Linear = _step_layer(nn.Linear, None, _DOC.format("Linear", "*, in_features"))
 Conv1d = _step_layer(nn.Conv1d, (4,), _DOC.format("Conv1d", "C, L"))
 Conv2d = _step_layer(nn.Conv2d, (5,), _DOC.format("Conv2d", "C, H, W"))
 AvgPool2d = _step_layer(nn.AvgPool2d, (5,), _DOC.format("AvgPool2d", "C, H, W"))
-MaxPool2d = _step_layer(nn.MaxPool2d, (5,), _DOC.format("MaxPool2d", "C, H, W"))
 AdaptiveAvgPool2d = _step_layer(nn.AdaptiveAvgPool2d, (5,), _DOC.format("AdaptiveAvgPool2d", "C, H, W"))
 Flatten = _step_layer(nn.Flatten, None, _DOC.format("Flatten", "*") + " Flattens each sample.")
+
+
+def _window_max(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Max over non-overlapping ``kh x kw`` windows of ``[*, H, W]`` (floor mode), no indices.
+
+    Elementwise maxima of the ``kh * kw`` strided views of ``x``: on CPU several
+    times faster than ``max_pool2d``, with the same values (NaN propagates; on a
+    tie, including ``-0.0`` against ``+0.0``, the earlier element of the window
+    wins, as in ``max_pool2d``: ``torch.maximum`` returns its second argument on ties).
+    """
+    h, w = x.shape[-2] // kh * kh, x.shape[-1] // kw * kw
+    views = [x[..., i:h:kh, j:w:kw] for i in range(kh) for j in range(kw)]
+    m = torch.maximum(views[0], views[1])
+    for v in views[2:]:
+        torch.maximum(m, v, out=m)
+    return m
+
+
+class MaxPool2d(_StepLayer, nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` with ``step_mode`` (``"m"``: input ``[T, N, C, H, W]``).
+
+    Where no gradient is needed (inference, the first forward of a GC segment)
+    and the windows do not overlap (``stride == kernel_size``, no padding or
+    dilation, no indices, floor mode), CPU inputs take a faster path with the
+    same result (see ``benchmarks/memory.py``); everything else is torch's.
+
+    Example:
+        >>> import torch
+        >>> from snnkit.layer import MaxPool2d
+        >>> pool = MaxPool2d(2, step_mode="m")
+        >>> x = torch.arange(16.0).view(1, 1, 1, 4, 4)
+        >>> with torch.no_grad():
+        ...     pool(x).flatten()
+        tensor([ 5.,  7., 13., 15.])
+    """
+
+    _m_dims = (5,)
+
+    def __init__(self, *args, step_mode: str = "s", **kwargs):
+        nn.MaxPool2d.__init__(self, *args, **kwargs)
+        self.step_mode = step_mode
+
+    def _windows(self, x):
+        """``(kh, kw)`` when the fast path applies to ``x``, else ``None``."""
+        if x.device.type != "cpu" or not x.is_floating_point() or x.dim() not in (3, 4) or not x.is_contiguous():
+            return None
+        if (torch.is_grad_enabled() and x.requires_grad) or self.return_indices or self.ceil_mode:
+            return None
+        k, stride = _pair(self.kernel_size), _pair(self.stride if self.stride is not None else self.kernel_size)
+        if k != stride or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1) or k[0] * k[1] < 2:
+            return None
+        return k if x.shape[-2] >= k[0] and x.shape[-1] >= k[1] else None
+
+    def _pool(self, x):
+        k = self._windows(x)
+        return nn.MaxPool2d.forward(self, x) if k is None else _window_max(x, *k)
+
+    def forward(self, x):
+        if self.step_mode == "m":
+            return _seq_to_ann(self._pool, x, type(self).__name__, self._m_dims)
+        return self._pool(x)
 
 
 class _GCAwareBatchNorm(_StepLayer):

@@ -32,6 +32,54 @@ def test_multi_step_equals_flattened_torch_layer(ours, theirs, shape):
     torch.testing.assert_close(ours(x[0]), theirs(x[0]))
 
 
+def _bits(t):
+    """Bit patterns, so that -0.0 and +0.0 (and NaN payloads) count as different."""
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16 if t.element_size() == 2 else torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel,shape", [(2, (5, 3, 8, 8)), (2, (2, 3, 7, 9)), (3, (2, 4, 10, 8)), ((2, 3), (3, 6, 7)), (2, (2, 1, 2, 2))])
+def test_max_pool_fast_path_is_bit_identical_to_torch(kernel, shape, dtype):
+    gen = torch.Generator().manual_seed(0)
+    # spikes, ties of -0.0 against +0.0 in both orders, NaN and infinities
+    pick = torch.randint(0, 7, shape, generator=gen)
+    values = torch.tensor([0.0, -0.0, 1.0, 0.5, float("nan"), float("inf"), -float("inf")])
+    x = values[pick].to(dtype)
+    pool = layer.MaxPool2d(kernel)
+    assert pool._windows(x) is not None  # the fast path is taken
+    with torch.no_grad():
+        out = pool(x)
+    assert torch.equal(_bits(out), _bits(nn.functional.max_pool2d(x, kernel)))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(kernel_size=2, stride=1), dict(kernel_size=2, padding=1), dict(kernel_size=2, ceil_mode=True),
+               dict(kernel_size=2, dilation=2), dict(kernel_size=1), dict(kernel_size=2, return_indices=True)]
+)
+def test_max_pool_other_configurations_use_torch(kwargs):
+    x = torch.randn(2, 3, 7, 7)
+    pool = layer.MaxPool2d(**kwargs)
+    assert pool._windows(x) is None
+    out, expected = pool(x), nn.MaxPool2d(**kwargs)(x)
+    if isinstance(out, tuple):
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    else:
+        assert torch.equal(out, expected)
+
+
+def test_max_pool_with_grad_uses_torch_and_matches_its_gradient():
+    x = (torch.rand(4, 2, 3, 6, 6) < 0.3).float().requires_grad_()  # many ties
+    pool = layer.MaxPool2d(2, step_mode="m")
+    assert pool._windows(x.flatten(0, 1)) is None
+    g = torch.randn(4, 2, 3, 3, 3)
+    (gx,) = torch.autograd.grad(pool(x), x, g)
+    xr = x.detach().flatten(0, 1).requires_grad_()
+    (expected,) = torch.autograd.grad(nn.functional.max_pool2d(xr, 2), xr, g.flatten(0, 1))
+    assert torch.equal(gx.flatten(0, 1), expected)
+    with torch.no_grad():
+        assert torch.equal(pool(x), nn.functional.max_pool2d(xr, 2).view(4, 2, 3, 3, 3))
+
+
 def test_seq_to_ann_container():
     conv = nn.Conv2d(1, 2, 3)
     f = layer.SeqToANNContainer(conv)
