@@ -110,6 +110,7 @@ import torch
 import torch.nn as nn
 
 from .. import base
+from ..layer import SeqToANNContainer
 from .._context import gc_1st_forward, in_gc_1st_forward
 from .compress import BaseSpikeCompressor, CompressedSpikes, NullSpikeCompressor
 
@@ -699,6 +700,18 @@ class GCContainer(nn.Sequential):
         return self.stateless_forward(x, *args)
 
 
+def _single_step_modules(module: nn.Module, prefix: str = "") -> List[str]:
+    """Names of modules in ``step_mode='s'`` that see a sequence as it is (not inside a SeqToANNContainer)."""
+    names = []
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, base.StepModule) and child.step_mode == "s":
+            names.append(path)
+        if not isinstance(child, SeqToANNContainer):  # it flattens time into the batch for its children
+            names += _single_step_modules(child, path + ".")
+    return names
+
+
 class TCGCContainer(GCContainer):
     """A temporally chunked :class:`GCContainer`.
 
@@ -759,7 +772,7 @@ class TCGCContainer(GCContainer):
             raise ValueError(
                 f"snnkit.memopt: TCGCContainer has n_seq_inputs={n_seq}, but forward got {1 + len(args)} inputs"
             )
-        single = [name for name, m in self.named_modules() if isinstance(m, base.StepModule) and m.step_mode == "s"]
+        single = _single_step_modules(self)
         if single:
             raise ValueError(
                 f"snnkit.memopt: TCGCContainer splits its inputs along time (dim 0), but module {single[0]!r} is in "

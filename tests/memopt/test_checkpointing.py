@@ -297,6 +297,24 @@ def test_tc_chunks(n_chunk):
         torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
 
 
+def test_tc_accepts_single_step_layers_inside_seq_to_ann_container():
+    """SeqToANNContainer flattens time into the batch, so its single-step children are fine in a chunk."""
+    torch.manual_seed(0)
+    inner = layer.SeqToANNContainer(layer.MaxPool2d(2), nn.Conv2d(2, 3, 3, padding=1).double())
+    plain = nn.Sequential(inner, neuron.LIFNode(v_threshold=0.2, step_mode="m"))
+    tc = TCGCContainer(BitSpikeCompressor(), *copy.deepcopy(plain), n_chunk=3)
+    x = _spikes(T, N, 2, 6, 6, dtype=torch.float64)
+    grads = []
+    for net in (plain, tc):
+        out = net(x)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        grads.append([out, net[1].v, *[p.grad for p in net.parameters()]])
+    for a, b in zip(*grads):  # parameter gradients are sums over chunks: another order of additions
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="module '0.1' is in step_mode='s'"):
+        TCGCContainer(None, nn.Sequential(nn.Identity(), layer.Linear(2, 2)), n_chunk=2)(torch.randn(4, 3, 2))
+
+
 def test_tc_errors_and_attributes():
     with pytest.raises(ValueError, match="n_chunk >= 1, got 0"):
         TCGCContainer(None, nn.Linear(2, 2), n_chunk=0)
