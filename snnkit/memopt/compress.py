@@ -273,7 +273,7 @@ class Uint8SpikeCompressor(BaseSpikeCompressor):
         return payload.to(dtype).view(shape)
 
 
-_BIT_CHUNK = 1 << 20  # elements per numpy call: bounds numpy's temporaries at 1 MiB
+_BIT_CHUNK = 1 << 18  # elements per numpy call: numpy's temporaries stay small and in cache
 
 
 def _bit_pack(s: torch.Tensor) -> torch.Tensor:
@@ -290,8 +290,10 @@ def _bit_pack(s: torch.Tensor) -> torch.Tensor:
 def _bit_pack_checked(s: torch.Tensor, check: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`_bit_pack` and, with ``check``, a 0-dim flag: True where ``s`` is not strictly binary.
 
-    On CPU the check compares each chunk with its truth values in the same pass
-    (no input-sized temporary); bfloat16 and other devices use :func:`_invalid_binary`.
+    On CPU the check runs chunk by chunk beside the packing (no input-sized
+    temporary): a chunk is binary exactly when it has as many elements equal to 1
+    as nonzero elements (NaN, 0.5, 2, -1 are nonzero but not 1). bfloat16 and
+    other devices use :func:`_invalid_binary`.
     """
     s, flag = s.detach(), None
     if s.device.type != "cpu" or s.dtype == torch.bfloat16:
@@ -301,12 +303,14 @@ def _bit_pack_checked(s: torch.Tensor, check: bool) -> Tuple[torch.Tensor, Optio
         s, check = s != 0, False  # numpy has no bfloat16; the flag is computed above
     flat, n = s.numpy(), s.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    packed = out.numpy()
+    truth = np.empty(min(n, _BIT_CHUNK), dtype=np.bool_)
     bad = False
     for i in range(0, n, _BIT_CHUNK):
         chunk = flat[i : i + _BIT_CHUNK]
-        truth = chunk.astype(np.bool_, copy=False)
-        bad = bad or (check and not np.array_equal(chunk, truth))  # NaN, 0.5, 2, -1, ... differ
-        out[i // 8 : (i + len(chunk) + 7) // 8] = torch.from_numpy(np.packbits(truth, bitorder="little"))
+        t = np.not_equal(chunk, 0, out=truth[: len(chunk)])
+        packed[i // 8 : (i + len(chunk) + 7) // 8] = np.packbits(t, bitorder="little")
+        bad = bad or (check and np.count_nonzero(chunk == 1) != np.count_nonzero(t))
     return out, (torch.tensor(bad) if check and n else flag)
 
 
