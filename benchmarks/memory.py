@@ -12,8 +12,10 @@ Variants, side by side in one run:
 
 Columns: peak live tensor bytes of the step (:class:`snnkit.memopt.MemoryTracker`),
 bytes still alive after the forward (what the graph and the state retain),
-their ratio to no GC, the step-time ratio to no GC (best of round-robin repeats,
-without the tracker), and whether all gradients equal the no-GC run.
+their ratio to no GC, the step-time ratio to no GC (median of the per-round
+ratios over ``--repeat`` rounds, interquartile range in brackets, without the
+tracker; see ``_timing.py``), the best step time, and whether all gradients
+equal the no-GC run.
 
 On CUDA (``--device cuda``) a second peak column gives the step's
 ``torch.cuda.max_memory_allocated`` above what was allocated before it, the
@@ -23,7 +25,6 @@ Run: ``python benchmarks/memory.py [--repeat 3] [--threads 2] [--device cuda [--
 """
 import argparse
 import copy
-import time
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,8 @@ import torch.utils.checkpoint
 
 from snnkit import base, layer, neuron
 from snnkit.memopt import BitSpikeCompressor, GCContainer, MemoryTracker
+
+from _timing import paired_ratio, round_robin
 
 CFG = ["32", "p64", "128", "p128", "128", "p128"]
 T, N, C, H = 8, 4, 2, 48
@@ -187,7 +190,7 @@ def cuda_peak(net, x, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=11, help="timing rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="torch", help="snnkit neuron backend: torch, or cupy (CUDA)")
@@ -214,28 +217,25 @@ def main():
         rows[name] = (mt.peak_bytes, retained)
         if dev.type == "cuda":
             alloc[name] = cuda_peak(net, x, y)
-    # Timing without the tracker, round robin over the variants, best of the repeats
-    # (robust to other load on the machine).
-    for _ in range(opts.repeat):
-        for name, (net, ref) in variants.items():
-            t0 = time.perf_counter()
-            step(net, x, y)
-            times[name].append(time.perf_counter() - t0)
-    times = {name: min(ts) for name, ts in times.items()}
+    # Timing without the tracker: rounds over all variants, the ratio to the baseline per round
+    # (see benchmarks/_timing.py: robust to the load of a shared machine).
+    names = list(variants)
+    runs = round_robin([lambda net=variants[n][0]: step(net, x, y) for n in names], opts.repeat)
+    times = dict(zip(names, runs))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={n}, {C}, {H}, {H}], {where}, torch {torch.__version__}, snnkit backend {opts.backend}")
     cuda_col = f" {'cuda peak MiB':>14s}" if alloc else ""
-    print(f"{'variant':28s} {'peak MiB':>9s}{cuda_col} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio':>11s} {'step s':>7s}  grads equal")
+    print(f"{'variant':28s} {'peak MiB':>9s}{cuda_col} {'after fwd MiB':>14s} {'peak ratio':>11s} {'time ratio (IQR)':>20s} {'step s':>7s}  grads equal")
     for name, (net, ref) in variants.items():
         peak, retained = rows[name]
         base_name = ref or name
         ratio = rows[base_name][0] / peak
-        slow = times[name] / times[base_name]
+        slow, lo, hi = paired_ratio(times[name], times[base_name])
         same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[name], grads[base_name]))
         exact = all(torch.equal(a, b) for a, b in zip(grads[name], grads[base_name]))
         cuda_val = f" {alloc[name] / MiB:14.1f}" if alloc else ""
         print(
-            f"{name:28s} {peak / MiB:9.1f}{cuda_val} {retained / MiB:14.2f} {ratio:10.2f}x {slow:10.2f}x {times[name]:7.3f}  "
+            f"{name:28s} {peak / MiB:9.1f}{cuda_val} {retained / MiB:14.2f} {ratio:10.2f}x {slow:6.2f}x ({lo:.2f}-{hi:.2f}) {min(times[name]):7.3f}  "
             f"{'exact' if exact else 'close' if same else 'NO'}"
         )
     plain_saved, gc_saved = saved_bytes_ratio()

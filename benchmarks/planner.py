@@ -4,7 +4,8 @@ Run: ``python benchmarks/planner.py [--threads 2] [--nets vgg6,vgg8,sew] [--devi
 
 For each net, one training step (forward, sum loss, backward) is measured with
 :class:`snnkit.memopt.MemoryTracker` (peak live tensor bytes, CPU included) and
-timed (best of ``--repeat`` steps, all variants round-robin). Rows: the plain net; ``apply_gc`` (every
+timed (median over ``--rounds`` rounds of the per-round ratio to no GC, see
+``_timing.py``). Rows: the plain net; ``apply_gc`` (every
 block a GC segment, compressors chosen by probing); ``memory_optimization``
 (level 4); SpikingJelly 2.0.0's ``optimize_memory`` on the same architecture
 built from SpikingJelly modules (its levels 2-4 profile on CUDA, so on CPU
@@ -23,6 +24,8 @@ import torch.nn as nn
 
 from snnkit import functional, layer, neuron
 from snnkit.memopt import MemoryTracker, apply_gc, memory_optimization
+
+from _timing import paired_ratio, round_robin
 
 T, N = 8, 4
 
@@ -131,14 +134,8 @@ def peak_of(net, x, reset):
 
 
 def step_times(variants, x, repeat):
-    """Best-of-``repeat`` step time of each ``(net, reset)``, timed round-robin so that load hits all alike."""
-    best = [float("inf")] * len(variants)
-    for _ in range(repeat):
-        for i, (net, reset) in enumerate(variants):
-            t0 = time.perf_counter()
-            step(net, x, reset)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+    """Per-round step times of each ``(net, reset)``, in rounds over all variants (see ``_timing.py``)."""
+    return round_robin([lambda net=net, reset=reset: step(net, x, reset) for net, reset in variants], repeat)
 
 
 def _sj_split(m):
@@ -168,7 +165,8 @@ def sj_planner(make, x, level):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="plans per net (the best time is reported)")
+    parser.add_argument("--rounds", type=int, default=9, help="timing rounds over all variants")
     parser.add_argument("--nets", default="vgg6,vgg8,sew")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=N, help=f"batch size N (default {N})")
@@ -187,7 +185,7 @@ def main():
         plain = make("snnkit").to(dev)
         functional.reset_net(plain)
         gc_net = apply_gc(copy.deepcopy(plain), types, dummy_input=x)
-        step_times([(plain, functional.reset_net)], x, 1)  # warm up before timing the planner
+        step(plain, x, functional.reset_net)  # warm up before timing the planner
         functional.reset_net(plain)  # no state with a graph in the copies
         tp = float("inf")
         for _ in range(args.repeat):  # best of --repeat plans, each of a fresh copy, as the step times
@@ -201,9 +199,10 @@ def main():
         if sj is not None:
             sj_net, sj_time, sj_reset = sj
             variants.append(("SpikingJelly optimize_memory", sj_net, sj_reset, sj_time, note))
-        times = step_times([(v[1], v[2]) for v in variants], x, args.repeat)
-        t0 = times[0]
-        rows = [(name, *peak_of(net, x, reset), t, plan, nt) for (name, net, reset, plan, nt), t in zip(variants, times)]
+        times = step_times([(v[1], v[2]) for v in variants], x, args.rounds)
+        t0 = min(times[0])
+        ratios = [paired_ratio(t, times[0])[0] for t in times]
+        rows = [(name, *peak_of(net, x, reset), r, plan, nt) for (name, net, reset, plan, nt), r in zip(variants, ratios)]
         peak0 = rows[0][1]
         if sj is None:
             rows.append(("SpikingJelly optimize_memory", None, None, None, None, note))
@@ -218,7 +217,7 @@ def main():
             plan_s = f"{plan:7.3f}" if plan is not None else f"{'-':>7}"
             plan_r = f"{plan / t0:10.2f}" if plan is not None else f"{'-':>10}"
             alloc_s = f" {alloc / mib:8.1f}" if cuda else ""
-            print(f"{name:<30} {peak / mib:9.1f}{alloc_s} {peak0 / peak:7.2f} {t / t0:7.2f} {plan_s} {plan_r}  {note}")
+            print(f"{name:<30} {peak / mib:9.1f}{alloc_s} {peak0 / peak:7.2f} {t:7.2f} {plan_s} {plan_r}  {note}")
         print(summary)
 
 

@@ -27,6 +27,7 @@ from ._wrapping import (
     _tensors,
     _wrap,
 )
+from .checkpointing import _single_step_modules
 from .compress import BaseSpikeCompressor, NullSpikeCompressor
 from .tracker import MemoryTracker
 
@@ -80,8 +81,16 @@ class _Block:
         return self.costs[self.config]
 
     def multistep(self) -> bool:
+        """Whether the block runs a sequence ``[T, N, *]`` at once (a temporal split is possible)."""
+        if isinstance(self.block, StepModule) and self.block.step_mode == "s":
+            return False
         steps = [m for m in self.block.modules() if isinstance(m, StepModule)]
-        return bool(steps) and all(m.step_mode == "m" for m in steps) and self.x is not None and self.x.dim() >= 2
+        return (
+            any(m.step_mode == "m" for m in steps)
+            and not _single_step_modules(self.block)  # single-step layers inside SeqToANNContainer are fine
+            and self.x is not None
+            and self.x.dim() >= 2
+        )
 
 
 def _model_events(blocks: List[_Block]) -> List[int]:

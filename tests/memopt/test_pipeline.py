@@ -288,14 +288,16 @@ def test_temporal_segment_over_consecutive_blocks_is_exact(n_chunk):
 class ConvNoBN(nn.Sequential):
     """Conv -> LIF (no BatchNorm: temporal segments stay exact)."""
 
-    def __init__(self, i, o):
-        conv = layer.SeqToANNContainer(nn.Conv2d(i, o, 3, padding=1))
+    def __init__(self, i, o, conv_type=nn.Conv2d):
+        conv = layer.SeqToANNContainer(conv_type(i, o, 3, padding=1))
         super().__init__(conv, neuron.LIFNode(step_mode="m", v_threshold=0.5))
 
 
-def test_planner_makes_temporal_segments_and_reports_them():
+# layer.Conv2d is a single-step module here, inside the SeqToANNContainer: still a multi-step block
+@pytest.mark.parametrize("conv_type", [nn.Conv2d, layer.Conv2d])
+def test_planner_makes_temporal_segments_and_reports_them(conv_type):
     torch.manual_seed(0)
-    blocks = [ConvNoBN(2, 16)] + [ConvNoBN(16, 16) for _ in range(3)]
+    blocks = [ConvNoBN(2, 16, conv_type)] + [ConvNoBN(16, 16, conv_type) for _ in range(3)]
     net = nn.Sequential(*blocks, layer.Flatten(step_mode="m"), layer.Linear(16 * 12 * 12, 2, step_mode="m"))
     x = (torch.rand(8, 4, 2, 12, 12) > 0.5).double()
     ref = _grads(copy.deepcopy(net), x)
