@@ -11,7 +11,7 @@ larger one page-faults less).
 """
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 
 def round_robin(steps: Sequence[Callable[[], None]], repeat: int) -> List[List[float]]:
@@ -34,6 +34,3 @@ def paired_ratio(times: Sequence[float], base: Sequence[float]) -> Tuple[float, 
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return statistics.median(ratios), q1, q3
 
-
-def describe(stats: Dict[str, Tuple[float, float, float]]) -> str:
-    return ", ".join(f"{name} {m:.2f}x (IQR {lo:.2f}-{hi:.2f})" for name, (m, lo, hi) in stats.items())

@@ -96,10 +96,12 @@ Flatten = _step_layer(nn.Flatten, None, _DOC.format("Flatten", "*") + " Flattens
 def _window_max(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Max over non-overlapping ``kh x kw`` windows of ``[*, H, W]`` (floor mode), no indices.
 
-    Elementwise maxima of the ``kh * kw`` strided views of ``x``: on CPU several
-    times faster than ``max_pool2d``, with the same values (NaN propagates; on a
-    tie, including ``-0.0`` against ``+0.0``, the earlier element of the window
-    wins, as in ``max_pool2d``: ``torch.maximum`` returns its second argument on ties).
+    Elementwise maxima of the ``kh * kw`` strided views of a contiguous ``x``: on
+    CPU several times faster than ``max_pool2d``, with the same result. NaN
+    propagates, and on a tie (``-0.0`` against ``+0.0``) the earlier element of the
+    window wins, as in ``max_pool2d``: on strided views ``torch.maximum`` runs its
+    scalar loop, which returns its first argument on ties (pinned by
+    ``tests/test_layer.py``).
     """
     h, w = x.shape[-2] // kh * kh, x.shape[-1] // kw * kw
     views = [x[..., i:h:kh, j:w:kw] for i in range(kh) for j in range(kw)]
