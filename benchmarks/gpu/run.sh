@@ -44,7 +44,7 @@ echo "bench: rc=$bench_rc in $(( $(date +%s) - bstart )) s"
 section "memory benchmark on CUDA" 45 "$PY" benchmarks/memory.py --device cuda --repeat 9; mem_rc=$?
 section "memory benchmark on CUDA, backend cupy" 45 "$PY" benchmarks/memory.py --device cuda --backend cupy --repeat 9 \
     || mem_rc=$?
-section "planner benchmark on CUDA" 75 "$PY" benchmarks/planner.py --device cuda --repeat 3; plan_rc=$?
+section "planner benchmark on CUDA" 75 "$PY" benchmarks/planner.py --device cuda --repeat 3 --rounds 5; plan_rc=$?
 full_rc=0
 if [ "${SNNKIT_FULL_SUITE:-0}" = 1 ]; then
     section "whole suite on the GPU machine" 150 "$PY" -m pytest -q -x --run-slow $XDIST -p no:cacheprovider; full_rc=$?
