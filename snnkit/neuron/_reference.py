@@ -85,10 +85,19 @@ def multistep(
     none is needed (``torch.no_grad()``, inference, the first forward of a GC
     segment) nothing is kept for backward and ``h_seq`` is never stored.
     """
-    if torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad):
+    if needs_graph(x_seq, v):
         return _MultiStep.apply(x_seq, v, p, store_v_seq)
     spike_seq, v_out, _ = _forward_loop(x_seq, v, p, store_v_seq, keep_h=False)
     return spike_seq, v_out
+
+
+def needs_graph(x_seq: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a multi-step call must keep ``h_seq`` for backward (both backends decide here).
+
+    Not under ``torch.no_grad()`` or inside another autograd function's forward
+    (the first forward of a GC segment), even when an input requires grad.
+    """
+    return torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad)
 
 
 def _forward_loop(x_seq, v, p, store_v_seq, keep_h):

@@ -143,6 +143,27 @@ def test_kernels_match_torch_float16(neuron, reset, detach, sg, store, width):
     assert launcher.calls == _kernels.launched(p, torch.float16, width == "vec")
 
 
+def test_no_h_seq_without_a_graph():
+    """Under no_grad (as in the first forward of a GC segment) nothing is written for backward."""
+    p = _params("lif", True, False, "sigmoid", 0)
+    x, v, _, _ = _inputs((4, 64), torch.float32, seed=7)
+    h_args = []
+
+    class Recording(EmuLauncher):
+        def __call__(self, name, source, params, n_threads, args):
+            h_args.append(args[3])
+            super().__call__(name, source, params, n_threads, args)
+
+    expected = ops._apply(x, v, p, False, Recording())  # neither input requires grad
+    for xin, vin in ((x.clone().requires_grad_(), v), (x, v.clone().requires_grad_())):
+        with torch.no_grad():
+            got = ops._apply(xin, vin, p, False, Recording())
+        assert all(torch.equal(a, b) and a.grad_fn is None for a, b in zip(got, expected))
+    assert h_args == [None, None, None]
+    ops._apply(x.clone().requires_grad_(), v, p, False, Recording())
+    assert isinstance(h_args[-1], torch.Tensor)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_misaligned_input_takes_the_scalar_forward(dtype):
     p = _params("lif", True, False, "sigmoid", 1)

@@ -35,6 +35,7 @@ from typing import Tuple
 import torch
 
 from ... import _cupy
+from .. import _reference
 from .._reference import NeuronParams
 from . import codegen
 
@@ -232,6 +233,12 @@ def multistep(
         >>> spike_seq, v = multistep(x, torch.zeros_like(x[0]), p)  # doctest: +SKIP
     """
     _check(x_seq, v)
-    spec_for(p, x_seq.dtype)  # dtype check before autograd
-    return _FusedMultiStep.apply(x_seq, v, p, bool(store_v_seq), _cupy_launcher)
+    return _apply(x_seq, v, p, store_v_seq, _cupy_launcher)
+
+
+def _apply(x_seq, v, p, store_v_seq, launcher):
+    """The fused call; inputs that need no graph are detached, so ``h_seq`` is neither written nor kept."""
+    if not _reference.needs_graph(x_seq, v):
+        x_seq, v = x_seq.detach(), v.detach()
+    return _FusedMultiStep.apply(x_seq, v, p, bool(store_v_seq), launcher)
 
