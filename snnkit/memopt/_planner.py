@@ -56,8 +56,10 @@ class _Block:
         self.state: List[Any] = []
         self.binary = False
         self.in_bytes = self.out_bytes = self.state_bytes = 0
+        # measured by the cut step; they stay 0 for a block it does not reach or whose output needs no grad
+        self.fwd_gc = self.bwd_gc = self.plain_saved = self.plain_new = 0
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.block.parameters() if p.requires_grad)
-        self.t_fwd = self.t_bwd = 0.0
+        self.t_fwd = 0.0
         self.costs: Dict[Any, _Cost] = {}
         self.modules: Dict[Any, nn.Module] = {}
         self.compressors: Dict[Any, str] = {}
@@ -74,7 +76,7 @@ class _Block:
         for name in ("in_bytes", "out_bytes", "state_bytes", "fwd_gc", "plain_saved", "plain_new"):
             setattr(self, name, self.scaled(getattr(self, name)))
         self.bwd_gc = self.scaled(self.bwd_gc, self.param_bytes)
-        self.t_fwd, self.t_bwd = self.t_fwd * scale, self.t_bwd * scale
+        self.t_fwd *= scale
 
     @property
     def cost(self) -> _Cost:
@@ -213,8 +215,12 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
         b.calls += 1
         xs = _tensors(args)
         b.x = xs[0].detach() if xs else None
-        b.binary, b.in_bytes = _is_binary(b.x), _nbytes(b.x)
-        b.state = base.extract_memories(b.block)
+        # binary only if every call's input is (as apply_gc's probe decides)
+        b.binary, b.in_bytes = (b.calls == 1 or b.binary) and _is_binary(b.x), _nbytes(b.x)
+        # cut the state too, as the output is cut: a block called again must not reach back
+        # into its previous call's graph when the cuts run backward one by one
+        b.state = [m.detach() if isinstance(m, torch.Tensor) else m for m in base.extract_memories(b.block)]
+        base.load_memories(b.block, b.state)
         b.state_bytes = _nbytes(b.state)
         tracker = MemoryTracker()
         tracker.__enter__()
@@ -252,10 +258,9 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
         grad, leaf.grad = leaf.grad, None
         if grad is None:
             continue
-        t0 = time.perf_counter()
         with _SavedBytes(params) as saved, MemoryTracker() as tracker:
             torch.autograd.backward(out, grad)
-        b.t_bwd, b.bwd_gc = time.perf_counter() - t0, tracker.peak_bytes
+        b.bwd_gc = tracker.peak_bytes
         x_ptr = b.x.untyped_storage().data_ptr() if b.x is not None else None
         b.plain_saved = sum(saved.storages.values())
         b.plain_new = b.plain_saved - (b.in_bytes if x_ptr in saved.storages else 0)

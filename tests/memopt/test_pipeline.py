@@ -434,3 +434,56 @@ def test_progress_fallback_without_tqdm(monkeypatch, capsys):
     memory_optimization(net, Block, (torch.rand(T, N, 4) > 0.5).float(), progress=True, verify=True)
     err = capsys.readouterr().err
     assert "memory_optimization [1/" in err and "verify" in err
+
+
+class _Skip(nn.Module):
+    """Runs its second block only when asked: the dummy input never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.use_b = Block(6, 6), Block(6, 6), False
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x) if self.use_b else x
+
+
+def test_planner_leaves_a_block_the_input_never_reaches_a_gc_segment():
+    net = _Skip()
+    x = (torch.rand(T, N, 6) > 0.5).float()
+    planned, summary = memory_optimization(copy.deepcopy(net), Block, x, return_summary=True)
+    assert len(summary.rows) == 2
+    assert isinstance(planned.b, GCContainer)
+
+
+class _Parameterless(nn.Sequential):
+    pass
+
+
+def test_planner_with_a_first_block_whose_output_needs_no_grad():
+    # (block without parameters on an input without grad: its output has no graph)
+    net = nn.Sequential(_Parameterless(neuron.IFNode(step_mode="m")), Block(6, 6), layer.Linear(6, 2, step_mode="m"))
+    x = torch.rand(T, N, 6) * 2
+    ref = _grads(copy.deepcopy(net), x)
+    planned = memory_optimization(net.double(), (_Parameterless, Block), x.double())
+    _assert_same(_grads(planned, x), ref)
+
+
+class _Twice(nn.Module):
+    """The same block on a float input, then on its own binary output."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(6, 6)
+
+    def forward(self, x):
+        return self.block(self.block(x))
+
+
+def test_planner_compresses_a_block_called_twice_only_if_every_input_is_binary():
+    net = _Twice()
+    x = torch.rand(T, N, 6) * 2  # float, so the first call's input is not binary
+    ref = _grads(copy.deepcopy(net), x)
+    planned = memory_optimization(net.double(), Block, x.double())
+    assert isinstance(planned.block.x_compressor, NullSpikeCompressor)
+    _assert_same(_grads(planned, x), ref)
