@@ -8,7 +8,7 @@ import torch.nn as nn
 from .. import base
 from . import compress as _compress
 from .checkpointing import GCContainer, TCGCContainer
-from .compress import BaseSpikeCompressor, BitSpikeCompressor, NullSpikeCompressor
+from .compress import BaseSpikeCompressor, BitSpikeCompressor, NullSpikeCompressor, _invalid_binary
 
 _MARK = "_snnkit_auto_gc"  # set on every container that apply_gc / memory_optimization made
 
@@ -35,7 +35,7 @@ def _is_binary(x) -> bool:
         isinstance(x, torch.Tensor)
         and x.is_floating_point()
         and x.numel() > 0
-        and bool(((x == 0) | (x == 1)).all())
+        and not bool(_invalid_binary(x))
     )
 
 

@@ -189,18 +189,16 @@ class BaseSpikeCompressor:
         return self._compress(s), flag
 
 
-def _invalid_binary(s: torch.Tensor) -> Optional[torch.Tensor]:
+def _invalid_binary(s: torch.Tensor, truth: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """0-dim device tensor, True where ``s`` holds anything but 0 and 1 (no host sync).
 
-    For floats, ``s - s * s`` is exactly zero only at 0 and 1 (NaN and inf stay
-    NaN or inf), and one ``aminmax`` reads it: two cheap vectorised passes.
+    ``s`` differs from its truth values ``s != 0`` (pass them as ``truth`` when
+    already computed) exactly where it is not 0 or 1: NaN, 0.5, 2, -1, ...
+    One fused comparison and a reduction, with a 1-byte temporary.
     """
     if s.numel() == 0:
         return None
-    if s.is_floating_point():
-        lo, hi = torch.aminmax(torch.addcmul(s, s, s, value=-1.0))
-        return (lo != 0) | (hi != 0)
-    return torch.ne(s, s != 0).any()
+    return torch.ne(s, s != 0 if truth is None else truth).any()
 
 
 class NullSpikeCompressor(BaseSpikeCompressor):
@@ -236,8 +234,9 @@ class BooleanSpikeCompressor(BaseSpikeCompressor):
 
     requires_strictly_binary = True
 
-    def _compress(self, s):
-        return s != 0
+    def _compress_checked(self, s):
+        truth = s != 0
+        return truth, (_invalid_binary(s, truth) if self.check else None)
 
     def _decompress(self, payload, shape, dtype):
         return payload.to(dtype).view(shape)
@@ -267,9 +266,6 @@ class Uint8SpikeCompressor(BaseSpikeCompressor):
         u = s.to(torch.uint8)
         return u, (torch.ne(s, u).any() if self.check else None)
 
-    def _compress(self, s):
-        return s.to(torch.uint8)
-
     def _decompress(self, payload, shape, dtype):
         return payload.to(dtype).view(shape)
 
@@ -298,10 +294,11 @@ def _bit_pack_checked(s: torch.Tensor, check: bool) -> Tuple[torch.Tensor, Optio
     """
     s, flag = s.detach(), None
     if s.device.type != "cpu" or s.dtype == torch.bfloat16:
-        flag = _invalid_binary(s) if check else None
+        truth = s != 0
+        flag = _invalid_binary(s, truth) if check else None
         if s.device.type != "cpu":
-            return _bit_pack_torch(s), flag
-        s, check = s != 0, False  # numpy has no bfloat16; the flag is computed above
+            return _bit_pack_torch(truth), flag
+        s, check = truth, False  # numpy has no bfloat16; the flag is computed above
     flat, n = s.numpy(), s.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8)
     packed = out.numpy()
@@ -330,7 +327,7 @@ def _bit_unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.T
 
 def _bit_pack_torch(s: torch.Tensor) -> torch.Tensor:
     """:func:`_bit_pack` in torch operations only, for devices without kernels of ours (e.g. MPS)."""
-    u = (s != 0).view(torch.uint8)
+    u = (s if s.dtype == torch.bool else s != 0).view(torch.uint8)
     if u.numel() % 8:
         u = torch.cat([u, u.new_zeros(8 - u.numel() % 8)])
     # Each group of 8 bytes (one 0/1 each) read as a little-endian int64 and
@@ -369,12 +366,8 @@ class BitSpikeCompressor(BaseSpikeCompressor):
         if s.is_cuda:
             from . import _bitpack_cuda
 
-            packed, flag = _bitpack_cuda.pack(s)
-            return packed, (flag if self.check else None)
+            return _bitpack_cuda.pack(s)  # compress() drops the flag when check is off
         return _bit_pack_checked(s.reshape(-1), self.check)
-
-    def _compress(self, s):
-        return self._compress_checked(s)[0]
 
     def _decompress(self, payload, shape, dtype):
         numel = shape.numel()
