@@ -84,8 +84,6 @@ class _Block:
 
     def multistep(self) -> bool:
         """Whether the block runs a sequence ``[T, N, *]`` at once (a temporal split is possible)."""
-        if isinstance(self.block, StepModule) and self.block.step_mode == "s":
-            return False
         steps = [m for m in self.block.modules() if isinstance(m, StepModule)]
         return (
             any(m.step_mode == "m" for m in steps)

@@ -270,7 +270,8 @@ class _GCFunction(torch.autograd.Function):
         if seg.stateful:
             seg.state_out_template, state_out_tensors = _split(base.extract_memories(seg.module))
             # An unchanged state that needs no grad stays non-differentiable (e.g. a dropout mask).
-            constant = [s for s in state_out_tensors if any(s is t and not t.requires_grad for t in state_tensors)]
+            frozen = {id(t) for t in state_tensors if not t.requires_grad}
+            constant = [s for s in state_out_tensors if id(s) in frozen]
             if constant:
                 ctx.mark_non_differentiable(*constant)
         seg.x_shape = x.shape
@@ -325,8 +326,6 @@ class _GCFunction(torch.autograd.Function):
                 base.load_memories(seg.module, live)
         grad_x = box[0] if (box and x_needs) else None
         if seg.acc is not None:  # the handle of the chunked call (see _Chunks)
-            if len(grads_in) < n_args + n_states:
-                grads_in += [None] * (n_args + n_states - len(grads_in))
             return (None, grad_x, *grads_in, seg.acc.handle_grad())
         return (None, grad_x, *grads_in, *([None] * n_dummy))
 
@@ -485,10 +484,11 @@ class _Chunks(torch.autograd.Function):
     def forward(ctx, acc, n, n_seqs, *tensors):
         seqs = tensors[:n_seqs]
         ctx.acc, ctx.n, ctx.n_seqs = acc, n, n_seqs
-        ctx.sizes = [[p.shape[0] for p in torch.tensor_split(s, n)] for s in seqs]
+        split = [torch.tensor_split(s, n) for s in seqs]
+        ctx.sizes = [[p.shape[0] for p in parts] for parts in split]
         ctx.meta = [(s.shape, s.dtype, s.device) for s in seqs]
-        pieces = [p for s in seqs for p in torch.tensor_split(s, n)]
-        frozen = [p for s, i in zip(seqs, range(n_seqs)) if not ctx.needs_input_grad[3 + i] for p in pieces[i * n : (i + 1) * n]]
+        pieces = [p for parts in split for p in parts]
+        frozen = [p for i, parts in enumerate(split) if not ctx.needs_input_grad[3 + i] for p in parts]
         handle = seqs[0].new_empty(0)
         acc.handle_meta = (handle.dtype, handle.device)
         if frozen:
@@ -535,18 +535,16 @@ def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=N
     state_tensors = []
     if stateful:
         seg.state_template, state_tensors = _split(base.extract_memories(module))
-    seg.params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
     dummy = []
     if acc is not None:
         # The parameters enter once per chunked call, through the handle (see _Chunks).
-        seg.acc, seg.params, dummy = acc, acc.params, [handle]
-        seg.n_in = (len(arg_tensors), len(state_tensors), 0, 1)
-    elif module is None and not any(t.requires_grad for t in (x, *arg_tensors)):
-        # A closure may use parameters: keep the segment in the graph (Invariant 5).
-        dummy = [torch.empty(0, requires_grad=True)]
-    if acc is None:
-        seg.n_in = (len(arg_tensors), len(state_tensors), len(seg.params), len(dummy))
-    params = seg.params if acc is None else []
+        seg.acc, seg.params, params, dummy = acc, acc.params, [], [handle]
+    else:
+        seg.params = params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        if module is None and not any(t.requires_grad for t in (x, *arg_tensors)):
+            # A closure may use parameters: keep the segment in the graph (Invariant 5).
+            dummy = [torch.empty(0, requires_grad=True)]
+    seg.n_in = (len(arg_tensors), len(state_tensors), len(params), len(dummy))
     outs = _GCFunction.apply(seg, x, *arg_tensors, *state_tensors, *params, *dummy)
     n_out = sum(v is _SLOT for v in seg.out_template)
     out = _merge(seg.out_template, outs[:n_out])
@@ -700,15 +698,15 @@ class GCContainer(nn.Sequential):
         return self.stateless_forward(x, *args)
 
 
-def _single_step_modules(module: nn.Module, prefix: str = "") -> List[str]:
-    """Names of modules in ``step_mode='s'`` that see a sequence as it is (not inside a SeqToANNContainer)."""
-    names = []
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, base.StepModule) and child.step_mode == "s":
-            names.append(path)
-        if not isinstance(child, SeqToANNContainer):  # it flattens time into the batch for its children
-            names += _single_step_modules(child, path + ".")
+def _single_step_modules(module: nn.Module, path: str = "") -> List[str]:
+    """Names of the modules (``module`` included) in ``step_mode='s'`` that see a sequence as it is.
+
+    A SeqToANNContainer flattens time into the batch, so its children are not looked at.
+    """
+    names = [path] if isinstance(module, base.StepModule) and module.step_mode == "s" else []
+    if not isinstance(module, SeqToANNContainer):
+        for name, child in module.named_children():
+            names += _single_step_modules(child, f"{path}.{name}" if path else name)
     return names
 
 
