@@ -1,7 +1,8 @@
 """Shared CuPy plumbing of the CUDA kernels: compile once, launch on torch's current stream.
 
 CuPy is imported on first use only. Both kernel families (the neurons' and the
-bit packing of memopt) launch through :func:`launch`.
+bit packing of memopt) declare their kernels with :func:`signature` and launch
+through :func:`launch_kernel`.
 """
 import functools
 import warnings
@@ -9,6 +10,38 @@ import warnings
 import torch
 
 BLOCK = 256
+
+
+def signature(name: str, params) -> str:
+    """``extern "C" __global__ void name(...)`` for ``params`` ``[(C type, name), ...]``."""
+    args = ",\n    ".join(f"{t} {n}" for t, n in params)
+    return f'extern "C" __global__ void {name}(\n    {args})'
+
+
+@functools.lru_cache(maxsize=None)
+def _converters(params: tuple) -> tuple:
+    """One function per kernel parameter turning a Python argument into CuPy's typed scalar."""
+    import numpy as np
+
+    def pointer(t):
+        return np.uint64(0 if t is None else t.data_ptr())
+
+    def convert(c_type):
+        if "*" in c_type:
+            return pointer
+        return np.float32 if "float" in c_type else np.int64 if "long long" in c_type else np.int32
+
+    return tuple(convert(t) for t, _ in params)
+
+
+def launch_kernel(name: str, source: str, params: tuple, n_threads: int, args: tuple, options: tuple = ()) -> None:
+    """Compile (once) and launch kernel ``name`` of ``source`` with ``args`` matching ``params``.
+
+    The device is that of the first tensor argument; ``None`` stands for a null pointer.
+    """
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    fn = function(name, source, device.index, options)
+    launch(fn, n_threads, tuple(f(a) for f, a in zip(_converters(params), args)), device)
 
 
 @functools.lru_cache(maxsize=None)

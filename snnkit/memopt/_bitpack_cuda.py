@@ -21,6 +21,7 @@ Example:
     >>> print(pack_source("float16").splitlines()[0])
     // snnkit bit packing: snnkit_bitpack_f16
 """
+import functools
 from typing import Tuple
 
 import torch
@@ -63,30 +64,27 @@ def unpack_name(dtype: str) -> str:
     return f"snnkit_bitunpack_{_entry(dtype)[0]}"
 
 
+@functools.lru_cache(maxsize=None)
 def pack_params(dtype: str):
     """``[(C type, name), ...]`` of the pack kernel (one thread per output byte)."""
     u = _entry(dtype)[1]
-    return [
+    return (
         (f"const {u}* __restrict__", "s"),  # [numel]
         ("unsigned char* __restrict__", "packed"),  # [ceil(numel / 8)]
         ("int* __restrict__", "flag"),  # [1], set to 1 on a non-binary value
         ("const long long", "numel"),
-    ]
+    )
 
 
+@functools.lru_cache(maxsize=None)
 def unpack_params(dtype: str):
     """``[(C type, name), ...]`` of the unpack kernel (one thread per element)."""
     u = _entry(dtype)[1]
-    return [
+    return (
         ("const unsigned char* __restrict__", "packed"),  # [ceil(numel / 8)]
         (f"{u}* __restrict__", "out"),  # [numel]
         ("const long long", "numel"),
-    ]
-
-
-def _signature(name, params) -> str:
-    args = ",\n    ".join(f"{t} {n}" for t, n in params)
-    return f'extern "C" __global__ void {name}(\n    {args})'
+    )
 
 
 _PACK = r"""// snnkit bit packing: {name}
@@ -118,26 +116,20 @@ _UNPACK = r"""// snnkit bit unpacking: {name}
 """
 
 
+@functools.lru_cache(maxsize=None)
 def pack_source(dtype: str) -> str:
     """CUDA source of the pack kernel for elements of ``dtype`` (a name such as ``"float32"``)."""
     _, u, one, mask = _entry(dtype)
     name = pack_name(dtype)
-    return _PACK.format(name=name, signature=_signature(name, pack_params(dtype)), U=u, one=one, mask=mask)
+    return _PACK.format(name=name, signature=_cupy.signature(name, pack_params(dtype)), U=u, one=one, mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def unpack_source(dtype: str) -> str:
     """CUDA source of the unpack kernel for elements of ``dtype``."""
     _, u, one, _ = _entry(dtype)
     name = unpack_name(dtype)
-    return _UNPACK.format(name=name, signature=_signature(name, unpack_params(dtype)), U=u, one=one)
-
-
-def _cupy_launcher(name, source, params, n_threads, args):
-    import numpy as np
-
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    conv = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int64(a) for a in args)
-    _cupy.launch(_cupy.function(name, source, device.index), n_threads, conv, device)
+    return _UNPACK.format(name=name, signature=_cupy.signature(name, unpack_params(dtype)), U=u, one=one)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -195,7 +187,7 @@ def pack(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         ValueError: for a CPU tensor or an unsupported dtype.
     """
     _check_cuda(s, "s")
-    return _pack(s, _cupy_launcher)
+    return _pack(s, _cupy.launch_kernel)
 
 
 def unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -205,4 +197,4 @@ def unpack(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor
         ValueError: for a CPU tensor, an unsupported dtype, or too few bytes.
     """
     _check_cuda(packed, "packed")
-    return _unpack(packed, numel, dtype, _cupy_launcher)
+    return _unpack(packed, numel, dtype, _cupy.launch_kernel)

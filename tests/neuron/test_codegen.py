@@ -164,3 +164,20 @@ def test_spec_for_caches_per_surrogate_and_accepts_unhashable_ones():
 
     q = _reference.NeuronParams("lif", 1.0, 0.0, False, ByValue())
     assert ops.spec_for(q, torch.float16).surrogate == "byvalue_4p0"
+
+
+def test_launch_arguments_follow_the_c_types_of_both_kernel_families():
+    import numpy as np
+
+    from snnkit import _cupy
+    from snnkit.memopt import _bitpack_cuda as bitpack
+
+    t = torch.zeros(4)
+    conv = _cupy._converters(bitpack.pack_params("float32"))
+    args = [f(a) for f, a in zip(conv, (t, t, t, 11))]
+    assert [type(a) for a in args] == [np.uint64] * 3 + [np.int64] and int(args[0]) == t.data_ptr()
+    spec = next(iter(_all_specs()))
+    conv = _cupy._converters(tuple(codegen.forward_params(spec)))  # 5 pointers, 3 floats, 2 ints, a long long
+    args = [f(a) for f, a in zip(conv, (t, t, t, None, t, 1.0, 0.0, 2.0, 0, 8, 4))]
+    assert [type(a) for a in args] == [np.uint64] * 5 + [np.float32] * 3 + [np.int32] * 2 + [np.int64]
+    assert int(args[3]) == 0  # None: a null pointer (h_seq not saved)

@@ -70,6 +70,8 @@ Example:
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from ... import _cupy
+
 __all__ = [
     "KernelSpec",
     "make_spec",
@@ -235,11 +237,6 @@ def forward_params(spec: KernelSpec) -> List[Tuple[str, str]]:
 def backward_params(spec: KernelSpec) -> List[Tuple[str, str]]:
     """``[(C type, name), ...]`` of the backward kernel, in argument order."""
     return _params(_BWD_PARAMS, DTYPES[spec.dtype][0])
-
-
-def _signature(name: str, params) -> str:
-    args = ",\n    ".join(f"{t} {n}" for t, n in params)
-    return f'extern "C" __global__ void {name}(\n    {args})'
 
 
 def _io(spec: KernelSpec):
@@ -417,7 +414,7 @@ def forward_source(spec: KernelSpec) -> str:
     return _FWD_TEMPLATE.format(
         name=name,
         header=_vec_header(spec, header),
-        signature=_signature(name, forward_params(spec)),
+        signature=_cupy.signature(name, forward_params(spec)),
         loop_h_vs=loop(True, True),
         loop_h=loop(True, False),
         loop_vs=loop(False, True),
@@ -547,7 +544,7 @@ def backward_source(spec: KernelSpec) -> str:
         gx="gxv.e[e]" if vec else "grad_x_seq[k]",
         store_gx=store.format(grad_x),
     )
-    common = dict(name=name, header=_vec_header(spec, header), signature=_signature(name, backward_params(spec)),
+    common = dict(name=name, header=_vec_header(spec, header), signature=_cupy.signature(name, backward_params(spec)),
                   inv_tau=inv_tau)
     if not vec:
         return _BWD_TEMPLATE.format(

@@ -98,26 +98,8 @@ def _backward_kernel(spec: codegen.KernelSpec):
 # --- CuPy launcher -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _converters(params: tuple) -> tuple:
-    """One function per kernel parameter turning a Python argument into CuPy's typed scalar."""
-    import numpy as np
-
-    def pointer(t):
-        return np.uint64(0 if t is None else t.data_ptr())
-
-    def convert(c_type):
-        if "*" in c_type:
-            return pointer
-        return np.float32 if "float" in c_type else np.int64 if "long long" in c_type else np.int32
-
-    return tuple(convert(t) for t, _ in params)
-
-
 def _cupy_launcher(name, source, params, n_threads, args):
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    fn = _cupy.function(name, source, device.index, codegen.NVCC_OPTIONS)
-    _cupy.launch(fn, n_threads, tuple(f(a) for f, a in zip(_converters(params), args)), device)
+    _cupy.launch_kernel(name, source, params, n_threads, args, codegen.NVCC_OPTIONS)
 
 
 # --- autograd ------------------------------------------------------------------------
