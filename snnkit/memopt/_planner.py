@@ -93,30 +93,32 @@ class _Block:
         )
 
 
-def _model_events(blocks: List[_Block]) -> List[int]:
-    peaks, before = [], 0
+def _phases(blocks: List[_Block], cost=None) -> List[Tuple[int, int]]:
+    """Estimated ``(forward, backward)`` peak of each block of the plan, in bytes.
+
+    ``cost(b)`` picks each block's configuration (default: the current one, ``b.cost``).
+    """
+    cost = cost or (lambda b: b.cost)
+    out, before = [], 0
     grads_after = sum(b.param_bytes for b in blocks)
     for b in blocks:
-        c = b.cost
+        c = cost(b)
         grads_after -= b.param_bytes
-        peaks.append(max(before + b.in_bytes + c.fwd, before + c.retained + b.out_bytes + c.bwd + grads_after))
+        out.append((before + b.in_bytes + c.fwd, before + c.retained + b.out_bytes + c.bwd + grads_after))
         before += c.retained
-    return peaks
+    return out
 
 
-def _model_peak(blocks: List[_Block]) -> Tuple[int, int, str]:
-    """Estimated step peak of the current plan: ``(bytes, block index, "forward" | "backward")``."""
-    best = (-1, 0, "forward")
-    before = 0
-    grads_after = sum(b.param_bytes for b in blocks)
-    for k, b in enumerate(blocks):
-        c = b.cost
-        grads_after -= b.param_bytes
-        fwd = before + b.in_bytes + c.fwd
-        bwd = before + c.retained + b.out_bytes + c.bwd + grads_after
-        best = max(best, (fwd, k, "forward"), (bwd, k, "backward"))
-        before += c.retained
-    return best
+def _model_peak(blocks: List[_Block], cost=None) -> Tuple[int, int, str]:
+    """Estimated step peak of the plan: ``(bytes, block index, "forward" | "backward")``."""
+    phases = _phases(blocks, cost)
+    events = [(f, k, "forward") for k, (f, _) in enumerate(phases)] + [(b, k, "backward") for k, (_, b) in enumerate(phases)]
+    return max(events, default=(-1, 0, "forward"))
+
+
+def _own_peak(b: _Block, key) -> int:
+    """Estimated peak of block ``b`` alone in configuration ``key``."""
+    return max(_phases([b], cost=lambda _: b.costs[key])[0])
 
 
 class _Progress:
@@ -328,21 +330,19 @@ def _spatial_candidate(b: _Block, compress, comp: BaseSpikeCompressor) -> Option
     return _SpatialSplit(b.block, [_wrap(p, c) for p, c in zip(parts, comps)])
 
 
-def _measure(b: _Block, key, module: Optional[nn.Module]) -> bool:
-    """Measure candidate ``key`` of ``b``; False when there is none or it does not lower the block's own peak."""
+def _measure(b: _Block, key, module: Optional[nn.Module]) -> Optional[int]:
+    """Measure candidate ``key`` of ``b`` (``module``, or None: there is none); its own estimated peak."""
     if module is None:
-        return False
+        return None
     b.costs[key], b.modules[key] = _measure_candidate(b, module), module
-    old, b.config = b.config, key
-    own = _model_events([b])[0]
-    b.config = old
+    own = _own_peak(b, key)
     _log.debug("memory_optimization: %s as %s -> own peak %d", b.path, key, own)
-    return True
+    return own
 
 
 def _objective(blocks: List[_Block]) -> List[int]:
     """Estimated peaks of all blocks, highest first: compared lexicographically (the peak, then the next...)."""
-    return sorted(_model_events(blocks), reverse=True)
+    return sorted((max(phases) for phases in _phases(blocks)), reverse=True)
 
 
 def _descend(blocks: List[_Block]) -> None:
@@ -381,13 +381,10 @@ def _plan(blocks: List[_Block], level: int, compress, temporal: bool, progress: 
                 b.costs["gc"] = _measure_candidate(b, _wrap(b.block, copy.deepcopy(comp)))
             _measure(b, ("spatial", 0), _spatial_candidate(b, compress, comp))
             if level >= 3 and temporal and b.multistep():
-                n, own = 2, _model_events([b])[0]
+                n, own = 2, _own_peak(b, b.config)
                 while n <= b.x.shape[0]:
                     b.compressors[("temporal", n)] = type(comp).__name__
-                    _measure(b, ("temporal", n), _wrap(b.block, copy.deepcopy(comp), n_chunk=n))
-                    old, b.config = b.config, ("temporal", n)
-                    now = _model_events([b])[0]
-                    b.config = old
+                    now = _measure(b, ("temporal", n), _wrap(b.block, copy.deepcopy(comp), n_chunk=n))
                     if now >= own:
                         break
                     n, own = n * 2, now

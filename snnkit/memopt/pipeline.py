@@ -108,7 +108,6 @@ from ._planner import (
     _Cost,
     _cut_step,
     _gc_and_plain_costs,
-    _loss,
     _model_peak,
     _plan,
     _Progress,
@@ -127,7 +126,6 @@ from ._wrapping import (
     _is_ours,
     _original,
     _probe_binary,
-    _run,
     _StateGuard,
     _wrap,
 )
@@ -342,6 +340,13 @@ class MemOptSummary:
 # ----------------------------------------------------------------------------- planner: public
 
 
+def _put_back(blocks, bar) -> None:
+    """Undo a failed plan: every block back at its site, the progress bar closed."""
+    for b in blocks:
+        b.site.put(b.block)
+    bar.close()
+
+
 def memory_optimization(
     net: nn.Module,
     block_types,
@@ -462,9 +467,7 @@ def memory_optimization(
             covered = {id(b) for c in chains for b in c} >= {id(b) for b in blocks if b.calls > 0}
             estimate = _plan(blocks, level, compress, temporal, bar, split=not covered)
     except BaseException:
-        for b in blocks:
-            b.site.put(b.block)
-        bar.close()
+        _put_back(blocks, bar)
         raise
     plain_step = max(step_s - sum(b.t_fwd for b in blocks), 1e-9)
     for b in blocks:
@@ -477,9 +480,7 @@ def memory_optimization(
             trials = max(1, int(round(budget)) - 1)  # the cut step costs about half a step, a candidate up to one
             sample, choice = _search_groups(net, chains, sliced, loss_fn, compress, deadline, scale, estimate, trials)
         except BaseException:
-            for b in blocks:
-                b.site.put(b.block)
-            bar.close()
+            _put_back(blocks, bar)
             raise
         if choice:
             estimate = sample
@@ -493,24 +494,13 @@ def memory_optimization(
     calibration = 0  # what the block model misses (modules between blocks, the head, the loss)
     slice_step = 3.0 * plain_step / scale  # a tracked one-sample step of the plan, recompute included
     if not (chains and choice) and time.perf_counter() - t_start + slice_step <= budget * plain_step:
-        with _StateGuard(net):
-            sample = _sample_peak(net, sliced, loss_fn, scale)
+        sample = _sample_peak(net, sliced, loss_fn, scale)
         calibration, estimate = sample - estimate, sample
     measured = estimate
     if verify:
         bar.step("verify the plan with one step")
-        with _StateGuard(net):
-            for p in net.parameters():
-                p.grad = None
-            with MemoryTracker() as tracker:
-                _loss(_run(net, inputs), loss_fn).backward()
-            measured = tracker.peak_bytes
-    for b in blocks:
-        b.config, old = "plain", b.config
-        b.config_final = old
-    before = _model_peak(blocks)[0] + calibration + (measured - estimate)
-    for b in blocks:
-        b.config = b.config_final
+        measured = _sample_peak(net, inputs, loss_fn)
+    before = _model_peak(blocks, cost=lambda b: b.costs["plain"])[0] + calibration + (measured - estimate)
     bar.step("done")
     bar.close()
     summary = MemOptSummary(
