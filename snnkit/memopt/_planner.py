@@ -458,31 +458,26 @@ class _ScaledTracker(MemoryTracker):
     def __init__(self, scale: float, fixed_shapes: set):
         super().__init__()
         self.scale, self.fixed_shapes = scale, fixed_shapes
-        self.scaled_peak, self._fixed, self._rest, self._kind, self._next = 0.0, 0, 0, {}, False
+        self.scaled_peak, self._fixed, self._fixed_keys, self._next = 0.0, 0, set(), False
 
     def _track(self, t: torch.Tensor) -> None:
         self._next = tuple(t.shape) in self.fixed_shapes
         super()._track(t)
 
     def _add(self, storage, is_new: bool) -> None:
-        key = storage._cdata
-        if storage.nbytes() == 0 or key in self._live:
-            return
+        before = self.current_bytes
         super()._add(storage, is_new)
-        self._kind[key] = (self._next, storage.nbytes())
-        if self._next:
-            self._fixed += storage.nbytes()
-        else:
-            self._rest += storage.nbytes()
-        self.scaled_peak = max(self.scaled_peak, self._fixed + self.scale * self._rest)
+        if self.current_bytes > before and self._next:
+            self._fixed_keys.add(storage._cdata)
+            self._fixed += self.current_bytes - before
+        rest = self.current_bytes - self._fixed
+        self.scaled_peak = max(self.scaled_peak, self._fixed + self.scale * rest)
 
     def _free(self, key) -> None:
-        kind = self._kind.pop(key, None)
-        if kind is not None and self._active:
-            if kind[0]:
-                self._fixed -= kind[1]
-            else:
-                self._rest -= kind[1]
+        if key in self._fixed_keys:
+            self._fixed_keys.discard(key)
+            if key in self._live and self._active:
+                self._fixed -= self._live[key][0]
         super()._free(key)
 
 
