@@ -111,7 +111,26 @@ def _window_max(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return m
 
 
-class MaxPool2d(_StepLayer, nn.MaxPool2d):
+class _FastMaxPool2d(nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` with the fast path of :func:`_window_max` where it applies."""
+
+    def _windows(self, x):
+        """``(kh, kw)`` when the fast path applies to ``x``, else ``None``."""
+        if x.device.type != "cpu" or not x.is_floating_point() or x.dim() not in (3, 4) or not x.is_contiguous():
+            return None
+        if (torch.is_grad_enabled() and x.requires_grad) or self.return_indices or self.ceil_mode:
+            return None
+        k, stride = _pair(self.kernel_size), _pair(self.stride if self.stride is not None else self.kernel_size)
+        if k != stride or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1) or k[0] * k[1] < 2:
+            return None
+        return k if x.shape[-2] >= k[0] and x.shape[-1] >= k[1] else None
+
+    def forward(self, x):
+        k = self._windows(x)
+        return super().forward(x) if k is None else _window_max(x, *k)
+
+
+class MaxPool2d(_StepLayer, _FastMaxPool2d):
     """:class:`torch.nn.MaxPool2d` with ``step_mode`` (``"m"``: input ``[T, N, C, H, W]``).
 
     Where no gradient is needed (inference, the first forward of a GC segment)
@@ -134,26 +153,6 @@ class MaxPool2d(_StepLayer, nn.MaxPool2d):
     def __init__(self, *args, step_mode: str = "s", **kwargs):
         nn.MaxPool2d.__init__(self, *args, **kwargs)
         self.step_mode = step_mode
-
-    def _windows(self, x):
-        """``(kh, kw)`` when the fast path applies to ``x``, else ``None``."""
-        if x.device.type != "cpu" or not x.is_floating_point() or x.dim() not in (3, 4) or not x.is_contiguous():
-            return None
-        if (torch.is_grad_enabled() and x.requires_grad) or self.return_indices or self.ceil_mode:
-            return None
-        k, stride = _pair(self.kernel_size), _pair(self.stride if self.stride is not None else self.kernel_size)
-        if k != stride or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1) or k[0] * k[1] < 2:
-            return None
-        return k if x.shape[-2] >= k[0] and x.shape[-1] >= k[1] else None
-
-    def _pool(self, x):
-        k = self._windows(x)
-        return nn.MaxPool2d.forward(self, x) if k is None else _window_max(x, *k)
-
-    def forward(self, x):
-        if self.step_mode == "m":
-            return _seq_to_ann(self._pool, x, type(self).__name__, self._m_dims)
-        return self._pool(x)
 
 
 class _GCAwareBatchNorm(_StepLayer):
