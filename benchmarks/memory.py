@@ -33,7 +33,9 @@ import torch.utils.checkpoint
 
 from snnkit import base, layer, neuron
 from snnkit.memopt import BitSpikeCompressor, GCContainer, MemoryTracker
+from snnkit.memopt.tracker import _SavedBytes
 
+from _common import cuda_step_peak, reset
 from _timing import paired_ratio, round_robin
 
 CFG = ["32", "p64", "128", "p128", "128", "p128"]
@@ -148,22 +150,10 @@ def saved_bytes_ratio():
         for _ in range(4):
             mods = [layer.Linear(256, 256, step_mode="m"), neuron.LIFNode(v_threshold=0.3, step_mode="m")]
             blocks.append(GCContainer(BitSpikeCompressor(), *mods) if gc else nn.Sequential(*mods))
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _SavedBytes() as saved:
             nn.Sequential(*blocks)(x)
-        totals.append(sum(storages.values()))
+        totals.append(saved.nbytes)
     return totals
-
-
-def reset(net):
-    for m in net.modules():
-        if hasattr(m, "reset") and m is not net:
-            m.reset()
 
 
 def step(net, x, y, tracker=None):
@@ -176,16 +166,6 @@ def step(net, x, y, tracker=None):
     if x.is_cuda:
         torch.cuda.synchronize()
     return retained
-
-
-def cuda_peak(net, x, y):
-    """The step's ``torch.cuda.max_memory_allocated`` above what was allocated before it (old gradients freed first)."""
-    net.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(net, x, y)
-    return torch.cuda.max_memory_allocated() - before
 
 
 def main():
@@ -207,7 +187,7 @@ def main():
     y = torch.randint(0, 10, (n,), generator=gen)
     x, y = x.to(dev), y.to(dev)
     variants = build_variants(opts.backend)
-    rows, grads, times, alloc = {}, {}, {name: [] for name in variants}, {}
+    rows, grads, alloc = {}, {}, {}
     for name, (net, ref) in variants.items():
         net.to(dev).train()
         step(net, x, y)  # warm-up
@@ -216,7 +196,7 @@ def main():
         grads[name] = [p.grad.clone() for p in net.parameters()]
         rows[name] = (mt.peak_bytes, retained)
         if dev.type == "cuda":
-            alloc[name] = cuda_peak(net, x, y)
+            alloc[name] = cuda_step_peak(net, lambda: step(net, x, y))
     # Timing without the tracker: rounds over all variants, the ratio to the baseline per round
     # (see benchmarks/_timing.py: robust to the load of a shared machine).
     names = list(variants)

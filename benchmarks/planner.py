@@ -25,6 +25,7 @@ import torch.nn as nn
 from snnkit import functional, layer, neuron
 from snnkit.memopt import MemoryTracker, apply_gc, memory_optimization
 
+from _common import cuda_step_peak, reset
 from _timing import paired_ratio, round_robin
 
 T, N = 8, 4
@@ -108,7 +109,7 @@ NETS = {
 # ----------------------------------------------------------------------------- measuring
 
 
-def step(net, x, reset):
+def step(net, x):
     reset(net)
     for p in net.parameters():
         p.grad = None
@@ -117,25 +118,12 @@ def step(net, x, reset):
         torch.cuda.synchronize()
 
 
-def peak_of(net, x, reset):
+def peak_of(net, x):
     """(tracker peak, CUDA allocator peak above the start or None) of one step."""
-    step(net, x, reset)  # warm up
+    step(net, x)  # warm up
     with MemoryTracker() as tracker:
-        step(net, x, reset)
-    if not x.is_cuda:
-        return tracker.peak_bytes, None
-    reset(net)
-    for p in net.parameters():  # free the old gradients before the baseline, as the tracker never saw them
-        p.grad = None
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(net, x, reset)
-    return tracker.peak_bytes, torch.cuda.max_memory_allocated() - before
-
-
-def step_times(variants, x, repeat):
-    """Per-round step times of each ``(net, reset)``, in rounds over all variants (see ``_timing.py``)."""
-    return round_robin([lambda net=net, reset=reset: step(net, x, reset) for net, reset in variants], repeat)
+        step(net, x)
+    return tracker.peak_bytes, (cuda_step_peak(net, lambda: step(net, x)) if x.is_cuda else None)
 
 
 def _sj_split(m):
@@ -147,7 +135,6 @@ def _sj_split(m):
 
 def sj_planner(make, x, level):
     try:
-        from spikingjelly.activation_based import functional as sj_functional
         from spikingjelly.activation_based.memopt import optimize_memory
     except Exception as e:  # optional peer
         return None, f"absent ({type(e).__name__})"
@@ -159,7 +146,7 @@ def sj_planner(make, x, level):
     except Exception as e:
         return None, f"failed: {type(e).__name__}: {str(e)[:80]}"
     note = f"level {level}" + (" (levels 2-4 need CUDA)" if level == 1 and not x.is_cuda else "")
-    return (net, time.perf_counter() - t0, sj_functional.reset_net), note
+    return (net, time.perf_counter() - t0), note
 
 
 def main():
@@ -185,7 +172,7 @@ def main():
         plain = make("snnkit").to(dev)
         functional.reset_net(plain)
         gc_net = apply_gc(copy.deepcopy(plain), types, dummy_input=x)
-        step(plain, x, functional.reset_net)  # warm up before timing the planner
+        step(plain, x)  # warm up before timing the planner
         functional.reset_net(plain)  # no state with a graph in the copies
         tp = float("inf")
         for _ in range(args.repeat):  # best of --repeat plans, each of a fresh copy, as the step times
@@ -193,16 +180,15 @@ def main():
             t_plan = time.perf_counter()
             planned, summary = memory_optimization(planned, types, x, return_summary=True)
             tp = min(tp, time.perf_counter() - t_plan)
-        variants = [("no GC", plain, functional.reset_net, None, ""), ("apply_gc", gc_net, functional.reset_net, None, ""),
-                    ("memory_optimization", planned, functional.reset_net, tp, "")]
+        variants = [("no GC", plain, None, ""), ("apply_gc", gc_net, None, ""), ("memory_optimization", planned, tp, "")]
         sj, note = sj_planner(make, x, sj_level)
         if sj is not None:
-            sj_net, sj_time, sj_reset = sj
-            variants.append(("SpikingJelly optimize_memory", sj_net, sj_reset, sj_time, note))
-        times = step_times([(v[1], v[2]) for v in variants], x, args.rounds)
+            sj_net, sj_time = sj
+            variants.append(("SpikingJelly optimize_memory", sj_net, sj_time, note))
+        times = round_robin([lambda net=v[1]: step(net, x) for v in variants], args.rounds)
         t0 = min(times[0])
         ratios = [paired_ratio(t, times[0])[0] for t in times]
-        rows = [(name, *peak_of(net, x, reset), r, plan, nt) for (name, net, reset, plan, nt), r in zip(variants, ratios)]
+        rows = [(name, *peak_of(net, x), r, plan, nt) for (name, net, plan, nt), r in zip(variants, ratios)]
         peak0 = rows[0][1]
         if sj is None:
             rows.append(("SpikingJelly optimize_memory", None, None, None, None, note))

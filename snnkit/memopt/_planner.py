@@ -29,7 +29,7 @@ from ._wrapping import (
 )
 from .checkpointing import _single_step_modules
 from .compress import BaseSpikeCompressor, NullSpikeCompressor
-from .tracker import MemoryTracker
+from .tracker import MemoryTracker, _SavedBytes
 
 _log = logging.getLogger(__package__ + ".pipeline")  # the planner logs under the public module's name
 
@@ -158,28 +158,6 @@ def _loss(out, loss_fn) -> torch.Tensor:
     if not outs:
         raise ValueError("snnkit.memopt: the net's output does not require grad, so there is no backward to plan for")
     return sum(t.sum() for t in outs)
-
-
-class _SavedBytes:
-    """Saved-tensor hooks that add up the distinct storages autograd keeps (parameters excluded)."""
-
-    def __init__(self, exclude: set):
-        self.exclude, self.storages = exclude, {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t):
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self.exclude:
-                self.storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def __enter__(self):
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.hooks.__exit__(*exc)
 
 
 def _batch_slice(net: nn.Module, inputs: tuple, batch_dim: Optional[int]) -> Tuple[tuple, float]:

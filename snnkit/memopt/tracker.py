@@ -27,7 +27,7 @@ Example:
 """
 import gc
 import weakref
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -209,3 +209,34 @@ class MemoryTracker:
             result = fn(*args, **kwargs)
             del result
         return mt
+
+
+class _SavedBytes:
+    """Saved-tensor hooks that add up the distinct storages autograd keeps for backward.
+
+    ``storages`` maps each storage's address to its bytes; storages at the addresses
+    in ``exclude`` (e.g. the parameters') are left out.
+    """
+
+    def __init__(self, exclude: Optional[set] = None):
+        self.exclude, self.storages = exclude or set(), {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.exclude:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.hooks.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct storages saved so far."""
+        return sum(self.storages.values())

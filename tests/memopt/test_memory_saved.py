@@ -4,22 +4,16 @@ import torch.nn as nn
 
 from snnkit import layer, neuron
 from snnkit.memopt import BitSpikeCompressor, GCContainer
+from snnkit.memopt.tracker import _SavedBytes
 
 T, N, WIDTH, LAYERS = 8, 16, 256, 4
 
 
 def _saved_bytes(net, x):
     """Sum of the bytes of every storage saved for backward during the forward, each once."""
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        storages[st._cdata] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _SavedBytes() as saved:
         out = net(x)
-    return sum(storages.values()), out
+    return saved.nbytes, out
 
 
 def _mlp(gc):
