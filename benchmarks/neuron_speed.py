@@ -2,36 +2,31 @@
 
 Run: ``python benchmarks/neuron_speed.py [--threads 2]``. SpikingJelly is optional
 (``pip install --no-deps spikingjelly==2.0.0 loguru``); without it only snnkit is timed.
-Prints milliseconds per forward+backward and the ratio SpikingJelly / snnkit.
+Prints the median milliseconds per forward+backward and the speed-up, the median of
+the per-round ratios SpikingJelly / snnkit (see ``_timing.py``).
 """
 import argparse
-import time
+import functools
+import statistics
 
 import torch
 
 from snnkit import neuron
 
+from _timing import paired_ratio, round_robin
+
 SHAPES = [(8, 32, 4096), (32, 16, 4096)]
 
 
 def time_fwd_bwd(nodes, x, grad, repeat):
-    """Median ms of forward+backward per node; the nodes take turns, so load hits all alike."""
+    """Per-round seconds of forward+backward of each node, in rounds over the nodes (``_timing.py``)."""
 
     def once(node):
         node.reset()
         x.grad = None
-        t0 = time.perf_counter()
         node(x).backward(grad)
-        return time.perf_counter() - t0
 
-    for _ in range(10):  # warm up allocator and thread pool
-        for node in nodes:
-            once(node)
-    times = [[] for _ in nodes]
-    for _ in range(repeat):
-        for i, node in enumerate(nodes):
-            times[i].append(once(node))
-    return [1e3 * sorted(t)[len(t) // 2] for t in times]
+    return round_robin([functools.partial(once, node) for node in nodes], repeat)
 
 
 def spikingjelly_node():
@@ -56,12 +51,13 @@ def main():
         torch.manual_seed(0)
         x = (torch.rand(shape) * 1.5).requires_grad_()
         grad = torch.randn(shape)
+        times = time_fwd_bwd([ours] if theirs is None else [ours, theirs], x, grad, args.repeat)
+        ms = [1e3 * statistics.median(t) for t in times]
         if theirs is None:
-            (t_ours,) = time_fwd_bwd([ours], x, grad, args.repeat)
-            print(f"{'x'.join(map(str, shape)):>16} {t_ours:9.2f} {'(absent)':>13} {'-':>9}")
+            print(f"{'x'.join(map(str, shape)):>16} {ms[0]:9.2f} {'(absent)':>13} {'-':>9}")
             continue
-        t_ours, t_theirs = time_fwd_bwd([ours, theirs], x, grad, args.repeat)
-        print(f"{'x'.join(map(str, shape)):>16} {t_ours:9.2f} {t_theirs:13.2f} {t_theirs / t_ours:8.2f}x")
+        speedup = paired_ratio(times[1], times[0])[0]
+        print(f"{'x'.join(map(str, shape)):>16} {ms[0]:9.2f} {ms[1]:13.2f} {speedup:8.2f}x")
 
 
 if __name__ == "__main__":
