@@ -4,7 +4,7 @@ import torch
 
 from snnkit import functional
 
-from ..scale._nets import data, make_net, memopt_or_skip, run_seq
+from ..scale._nets import data, make_net, run_seq
 
 pytestmark = pytest.mark.cuda
 
@@ -26,7 +26,6 @@ def _scaled_grads(net, x, t, step_mode="m", cache_enabled=True):
 
 
 def test_fp16_gradscaler_gc_equals_plain():
-    memopt_or_skip()
     x, t = data(T=6, N=5)
     y_ref, g_ref, w_ref = _scaled_grads(make_net("plain"), x, t)
     y, g, w = _scaled_grads(make_net("gc"), x, t)
@@ -39,7 +38,6 @@ def test_fp16_gradscaler_gc_equals_plain():
 @pytest.mark.parametrize("kind,step_mode", [("gc", "s"), ("tc", "m")])
 def test_fp16_gradscaler_segments_called_several_times(kind, step_mode):
     """Segments called several times: equal to fp16 rounding (why: tests/scale/test_amp.py)."""
-    memopt_or_skip()
     x, t = data(T=6, N=5)
     y_ref, g_ref, _ = _scaled_grads(make_net("plain", step_mode=step_mode), x, t, step_mode)
     y, g, _ = _scaled_grads(make_net(kind, step_mode=step_mode, n_chunk=3), x, t, step_mode)

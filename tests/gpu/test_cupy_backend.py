@@ -9,9 +9,6 @@ flash-attention rule (error at most twice that of torch's own float16 run) as we
 as a tight bound against the float32 backward from the saved half ``h_seq``.
 A call-count sentinel makes a silent torch fallback fail.
 """
-import importlib.util
-import itertools
-import os
 
 import pytest
 import torch
@@ -21,23 +18,16 @@ from snnkit import functional, surrogate
 from snnkit.memopt import BitSpikeCompressor, GCContainer
 from snnkit.memopt import _bitpack_cuda as bitpack
 from snnkit.neuron import IFNode, LIFNode, _reference
-from snnkit.neuron._cuda import codegen, ops
+from snnkit.neuron._cuda import ops
+
+from ..neuron.cuda_emu import kernels as _shared  # configurations and references shared with the CPU emulation
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"
 
-def _load_shared():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "neuron", "cuda_emu", "kernels.py")
-    spec = importlib.util.spec_from_file_location("snnkit_cuda_emu_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_shared = _load_shared()  # configurations and float16 references shared with the CPU emulation tests
-SURROGATES, NEURONS = _shared.SURROGATES, _shared.NEURONS
+SURROGATES, NEURONS, CONFIGS = _shared.SURROGATES, _shared.NEURONS, _shared.CONFIGS
 _f16_reference, _ref_backward = _shared.f16_reference, _shared.ref_backward
-CONFIGS = list(itertools.product(NEURONS, ("hard", "soft"), ("detach", "nodetach"), SURROGATES, ("store", "last")))
+_run = _shared.run
 IDS = ["-".join(c) for c in CONFIGS]
 
 
@@ -61,22 +51,7 @@ def _params(neuron, hard, detach, sg, tau=3.0, v_th=0.6, v_reset=-0.2):
 
 
 def _inputs(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 0.8 + 0.35
-    v = torch.rand(shape[1:], generator=g) * 0.5
-    gs = torch.randn(shape, generator=g)
-    gv = torch.randn(shape, generator=g)
-    return x, v, gs, gv
-
-
-def _run(fn, x, v, gs, gv, store):
-    """Forward, then backward of <spike, gs> + <v_out, gv>; returns outputs and grads on CPU."""
-    x = x.detach().clone().requires_grad_()
-    v = v.detach().clone().requires_grad_()
-    spike, v_out = fn(x, v)
-    gv_used = gv if store else gv[-1]
-    ((spike * gs.to(spike)).sum() + (v_out * gv_used.to(v_out)).sum()).backward()
-    return [t.detach().cpu() for t in (spike, v_out, x.grad, v.grad)]
+    return _shared.inputs(shape, seed=seed)
 
 
 def _cuda(*ts, dtype=torch.float32):
@@ -219,7 +194,7 @@ def test_errors():
 # --- bit packing -----------------------------------------------------------------------
 
 
-BIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.bool]
+BIT_DTYPES = list(_shared.BIT_TORCH_DTYPES.values())
 
 
 @pytest.mark.parametrize("dtype", BIT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -11,9 +11,6 @@ parallel execution, CUDA's own ``expf``/``atanf`` ulps, NVRTC quirks (the GPU su
 in ``tests/gpu`` does).
 """
 import functools
-import importlib.util
-import itertools
-import os
 import shutil
 
 import pytest
@@ -22,31 +19,24 @@ import torch
 from snnkit.memopt import _bitpack_cuda as bitpack
 from snnkit.memopt import compress
 from snnkit.neuron import _reference
-from snnkit.neuron._cuda import codegen, ops
+from snnkit.neuron._cuda import ops
+
+from .cuda_emu import harness
+from .cuda_emu import kernels as _kernels
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def _load(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"snnkit_cuda_emu_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_kernels = _load("kernels")
-SURROGATES, NEURONS = _kernels.SURROGATES, _kernels.NEURONS
+SURROGATES, NEURONS, CONFIGS = _kernels.SURROGATES, _kernels.NEURONS, _kernels.CONFIGS
 f16_reference, ref_backward = _kernels.f16_reference, _kernels.ref_backward
-BIT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-              "float64": torch.float64, "uint8": torch.uint8, "bool": torch.bool}  # fmt: skip
+_inputs, _run, BIT_DTYPES = _kernels.inputs, _kernels.run, _kernels.BIT_TORCH_DTYPES
 
 
 @functools.lru_cache(maxsize=None)
 def _emulator():
     # Built once per process (and cached on disk by source hash); immutable afterwards.
     kernels = _kernels.all_kernels()
-    return _load("harness").build(kernels), {name: src for name, _, src in kernels}
+    return harness.build(kernels), {name: src for name, _, src in kernels}
 
 
 class EmuLauncher:
@@ -75,26 +65,6 @@ def _params(neuron, hard, detach, sg, variant):
     kind, di = NEURONS[neuron]
     v_th, v_reset, tau = [(1.0, 0.0, 2.0), (0.6, -0.2, 3.0)][variant]
     return _reference.NeuronParams(kind, v_th, v_reset if hard else None, detach, SURROGATES[sg](), tau, di)
-
-
-def _inputs(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 0.8 + 0.35).to(dtype)
-    v = (torch.rand(shape[1:], generator=g) * 0.5).to(dtype)
-    gs = torch.randn(shape, generator=g).to(dtype)
-    gv = torch.randn(shape, generator=g).to(dtype)
-    return x, v, gs, gv
-
-
-def _run(fn, x, v, gs, gv, store):
-    x = x.detach().clone().requires_grad_()
-    v = v.detach().clone().requires_grad_()
-    spike, v_out = fn(x, v)
-    (spike * gs).sum().add_((v_out * (gv if store else gv[-1])).sum()).backward()
-    return spike.detach(), v_out.detach(), x.grad, v.grad
-
-
-CONFIGS = list(itertools.product(NEURONS, ("hard", "soft"), ("detach", "nodetach"), SURROGATES, ("store", "last")))
 
 
 # 111 neurons: 2 blocks and a partial one, one neuron per thread; 108: 4 per thread (27 threads)
@@ -249,14 +219,13 @@ def test_bitpack_matches_torch_and_round_trips(dtype, numel):
     assert out.dtype == s.dtype and torch.equal(out, s)
 
 
-@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan"), float("inf"), 1.0 + 2**-10])
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan"), float("inf"), "next above 1"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_bitpack_flags_non_binary(dtype, bad):
     s = torch.zeros(21, dtype=BIT_DTYPES[dtype])
     s[3] = 1.0
-    s[17] = bad
-    if s[17].item() == 1.0:  # 1 + 2^-10 rounds to 1 in bfloat16
-        pytest.skip("value not representable as non-binary in this dtype")
+    s[17] = 1.0 + torch.finfo(s.dtype).eps if bad == "next above 1" else bad
+    assert s[17].item() != 1.0
     _, flag = bitpack._pack(s, EmuLauncher())
     assert flag.item() != 0
 

@@ -9,7 +9,6 @@ source, options and compiler version, so an unchanged kernel set is checked
 against its stored log instead of being compiled again (about 25 s on 2 cores).
 """
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -21,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from snnkit.neuron._cuda import codegen
+
+from .cuda_emu import kernels as cuda_kernels
 
 
 def _nvcc():
@@ -36,14 +37,6 @@ def _nvcc():
 
 NVCC = _nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
-
-
-def _all_kernels():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "kernels.py")
-    spec = importlib.util.spec_from_file_location("snnkit_cuda_emu_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.all_kernels()
 
 
 def _compile(arch, cu, out):
@@ -66,7 +59,7 @@ def _compile(arch, cu, out):
 
 
 def test_every_source_compiles_for_sm80_and_sm90(tmp_path):
-    kernels = _all_kernels()
+    kernels = cuda_kernels.all_kernels()
     cu = tmp_path / "all.cu"
     cu.write_text("\n".join(src for _, _, src in kernels))
     archs = ("sm_80", "sm_90")

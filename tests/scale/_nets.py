@@ -4,22 +4,12 @@ Every builder draws the weights from the same seed in the same order, so the pla
 ``gc`` and ``tc`` variants of one seed hold identical parameters and must compute the
 same outputs and gradients.
 """
-import pytest
 import torch
 import torch.nn as nn
 
-from snnkit import functional, layer, neuron
+from snnkit import functional, layer, memopt, neuron
 
 KINDS = ("plain", "gc", "tc", "closure")
-
-
-def memopt_or_skip():
-    """Return ``snnkit.memopt`` once its GC containers exist, else skip the test."""
-    from snnkit import memopt
-
-    if not all(hasattr(memopt, n) for n in ("GCContainer", "TCGCContainer", "BitSpikeCompressor")):
-        pytest.skip("snnkit.memopt GC containers are not available yet")
-    return memopt
 
 
 def _blocks(seed, d_in, width, depth, step_mode):
@@ -43,11 +33,9 @@ def make_net(kind="plain", seed=0, d_in=6, width=16, d_out=4, depth=2, step_mode
     spikes (``compressor``, default ``BitSpikeCompressor``).
     """
     blocks, d = _blocks(seed, d_in, width, depth, step_mode)
-    blocks = [list(b) for b in blocks]
     head = layer.Linear(d, d_out, step_mode=step_mode)
     if kind == "plain":
         return nn.Sequential(*[m for b in blocks for m in b], head)
-    memopt = memopt_or_skip()
     if kind == "closure":  # GC through a plain function: the reentrant ``autograd.backward`` fallback
         blocks[0][0] = ClosureGC(blocks[0][0])
         return nn.Sequential(*[m for b in blocks for m in b], head)
@@ -71,9 +59,7 @@ class ClosureGC(nn.Module):
         self.inner = inner
 
     def forward(self, x):
-        from snnkit.memopt import NullSpikeCompressor, input_compressed_gc
-
-        return input_compressed_gc(lambda x_: self.inner(x_) * 1.0, NullSpikeCompressor(), x)
+        return memopt.input_compressed_gc(lambda x_: self.inner(x_) * 1.0, memopt.NullSpikeCompressor(), x)
 
 
 def run_seq(net, x_seq, step_mode="m"):

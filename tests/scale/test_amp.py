@@ -9,7 +9,7 @@ import torch
 
 from snnkit import functional
 
-from ._nets import data, make_net, memopt_or_skip, run_seq
+from ._nets import data, make_net, run_seq
 
 
 def _autocast_grads(net, x, t, step_mode, autocast=True, cache_enabled=True, chunks=1):
@@ -31,7 +31,6 @@ def _assert_equal(got, ref, what):
 
 def test_bf16_autocast_gc_equals_plain_autocast():
     """One call per segment: bit for bit the plain autocast run."""
-    memopt_or_skip()
     x, t = data(T=6, N=5)
     y_ref, loss_ref, g_ref = _autocast_grads(make_net("plain"), x, t, "m")
     y, loss, g = _autocast_grads(make_net("gc"), x, t, "m")
@@ -54,7 +53,6 @@ def test_bf16_autocast_segments_called_several_times(kind, step_mode, chunks):
     same time chunks) exactly, the plain head after them the cached plain run, and the
     two differ by bf16 rounding only.
     """
-    memopt_or_skip()
     x, t = data(T=6, N=5)
     net = make_net(kind, step_mode=step_mode, n_chunk=3)
     y, _, g = _autocast_grads(net, x, t, step_mode)
@@ -73,7 +71,6 @@ def test_bf16_autocast_segments_called_several_times(kind, step_mode, chunks):
 
 def test_autocast_off_in_backward_still_replays_bf16():
     """Backward runs outside the autocast region; the recompute must still run in bf16."""
-    memopt_or_skip()
     x, t = data(T=4, N=5)
     _, _, g_amp = _autocast_grads(make_net("gc"), x, t, "m")
     _, _, g_fp32 = _autocast_grads(make_net("gc"), x, t, "m", autocast=False)

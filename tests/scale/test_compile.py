@@ -15,7 +15,7 @@ stay fast. What is pinned:
 import pytest
 import torch
 
-from ._nets import data, make_net, memopt_or_skip
+from ._nets import data, make_net
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +66,5 @@ def test_compile_plain_net_one_graph_matches_eager():
 
 def test_compile_gc_net_breaks_at_segments_and_stays_exact():
     """(``TCGCContainer`` behaves the same, with a break per chunk; not run here to save time.)"""
-    memopt_or_skip()
     counter = _compiled_and_eager("gc", 0, 0)
     assert counter.frame_count >= 2  # the graphs between the segments: each segment is a break

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ._nets import StepLoop, data, make_net, memopt_or_skip, train_step
+from ._nets import StepLoop, data, make_net, train_step
 
 pytestmark = [
     pytest.mark.slow,
@@ -199,13 +199,11 @@ def test_ddp_plain_net_matches_single_process(name, kind, step_mode, kw):
 
 @pytest.mark.parametrize("name,kind,step_mode,kw", GC_CASES, ids=[c[0] for c in GC_CASES])
 def test_ddp_gc_net_matches_single_process(name, kind, step_mode, kw):
-    memopt_or_skip()
     _assert_matches_single_process(_run_all(), name, kind, step_mode)
 
 
 @pytest.mark.parametrize("name,kind,step_mode,kw", SINGLE_STEP_CASES, ids=[c[0] for c in SINGLE_STEP_CASES])
 def test_ddp_gc_single_step_segments_match_single_process(name, kind, step_mode, kw):
-    memopt_or_skip()
     _assert_matches_single_process(_run_all(), name, kind, step_mode)
 
 
@@ -214,7 +212,6 @@ def test_ddp_hooks_fire_once_per_step_in_the_outer_pass(name, kind, step_mode, k
     """A segment applied T times per step hands its parameter gradients to the outer
     backward: each parameter's accumulator (where DDP's hook sits) runs once per step,
     in the outer graph task, never inside a segment's nested pass."""
-    memopt_or_skip()
     names = [n for n, _ in _model(kind, step_mode).named_parameters()]
     for rank, res in enumerate(_run_all()):
         assert isinstance(res[name], tuple), f"rank {rank}, case {name}: {res[name]}"
@@ -228,7 +225,6 @@ def test_ddp_hooks_fire_once_per_step_in_the_outer_pass(name, kind, step_mode, k
 
 def test_ddp_closure_segments_reused_across_steps_need_static_graph():
     """Pinned limitation: documented in docs/guides/distributed.rst."""
-    memopt_or_skip()
     for rank, res in enumerate(_run_all()):
         got = res["closure-s"]
         assert isinstance(got, str), f"rank {rank}: closure-s trained without error; update the docs"

@@ -13,9 +13,9 @@ import weakref
 import pytest
 import torch
 
-from snnkit import functional, neuron
+from snnkit import functional, memopt, neuron
 
-from ._nets import data, make_net, memopt_or_skip, run_seq
+from ._nets import data, make_net, run_seq
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,6 @@ def _step(net, opt, x, t, step_mode):
 
 @pytest.mark.parametrize("kind,step_mode,T", [("gc", "m", 4), ("tc", "m", 4), ("gc", "s", 2)])
 def test_live_bytes_flat_over_200_steps(kind, step_mode, T):
-    memopt = memopt_or_skip()
     net = make_net(kind, step_mode=step_mode, width=32, n_chunk=2)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     bit = memopt.BitSpikeCompressor()  # a round trip builds its one-time unpacking table outside the count
@@ -64,7 +63,6 @@ def test_live_bytes_flat_over_200_steps(kind, step_mode, T):
 @pytest.mark.parametrize("kind", ["plain", "gc", "tc"])
 def test_reset_net_releases_states(kind):
     """After backward and reset_net, no neuron state tensor of the step is alive."""
-    memopt_or_skip()
     net = make_net(kind, n_chunk=2)
     x, t = data()
     y = net(x)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from snnkit import functional
+from snnkit import functional, memopt
 
-from ._nets import data, make_net, memopt_or_skip
+from ._nets import data, make_net
 
 fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
 
@@ -46,7 +46,6 @@ class _GradDataset(Dataset):
 @fork
 @pytest.mark.parametrize("kind", ["gc", "tc"])
 def test_gc_container_in_dataloader_worker(kind):
-    memopt_or_skip()
     net = make_net(kind)
     loader = DataLoader(_GradDataset(net), batch_size=None, num_workers=1, multiprocessing_context="fork")
     got = list(loader)
@@ -70,7 +69,6 @@ def _child(blob, conn):
 
 @fork
 def test_pickled_gc_net_trains_in_a_child_process():
-    memopt = memopt_or_skip()
     net = make_net("tc", compressor=memopt.SparseSpikeCompressor())
     _grads(net, seed=0)  # used once: state reset, grads present
     blob = pickle.dumps(net)

@@ -11,9 +11,9 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snnkit import functional, layer, neuron, surrogate
+from snnkit import functional, layer, memopt, neuron, surrogate
 
-from ._nets import data, make_net, memopt_or_skip, run_seq
+from ._nets import data, make_net, run_seq
 
 SETTINGS = settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -104,7 +104,6 @@ def _compressors(memopt):
 @given(shape=shapes0, dtype=st.sampled_from(DTYPES), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
        which=st.integers(0, 4))
 def test_compressor_round_trip_is_exact(shape, dtype, density, seed, which):
-    memopt = memopt_or_skip()
     comp = _compressors(memopt)[which]()
     g = torch.Generator().manual_seed(seed)
     s = (torch.rand(shape, generator=g) < density).to(dtype)
@@ -119,7 +118,6 @@ def test_compressor_round_trip_is_exact(shape, dtype, density, seed, which):
        dtype=st.sampled_from([torch.float32, torch.float64]), which=st.integers(0, 7), seed=st.integers(0, 2**16))
 def test_strictly_binary_compressor_rejects_non_binary_input(shape, bad, dtype, which, seed):
     """A non-binary value inside a GC segment with a strict compressor must raise, never give a wrong gradient."""
-    memopt = memopt_or_skip()
     strict = [c for c in _compressors(memopt) if c.requires_strictly_binary]
     assert {c.__name__ for c in strict} >= {"BooleanSpikeCompressor", "BitSpikeCompressor"}
     cls = strict[which % len(strict)]
@@ -156,7 +154,6 @@ def _stack(widths, cfgs, step_mode):
        wrap=st.sampled_from(["gc", "tc1", "tc2", "tc3"]), comp=st.integers(0, 4))
 def test_gc_exact_on_random_stacks(stack, T, N, seed, wrap, comp):
     """Plain and GC-wrapped copies of a random stack: same outputs, final states and gradients (float64)."""
-    memopt = memopt_or_skip()
     widths, cfgs = stack
     torch.manual_seed(seed)
     blocks = _stack(widths, cfgs, "m")
@@ -192,7 +189,6 @@ def test_gc_exact_on_random_stacks(stack, T, N, seed, wrap, comp):
 
 def test_tcgc_refuses_single_step_modules():
     """In "s" mode dim 0 is the batch: splitting it would carry state across samples."""
-    memopt_or_skip()
     x, _ = data(T=4, N=6)
     tc = make_net("tc", step_mode="s", n_chunk=2)
     with pytest.raises(ValueError, match="TCGCContainer splits its inputs along time .* step_mode='s'"):

@@ -10,10 +10,10 @@ import threading
 import torch
 import torch.nn as nn
 
-from snnkit import functional, layer, neuron
+from snnkit import functional, layer, memopt, neuron
 from snnkit.memopt import in_gc_1st_forward
 
-from ._nets import data, memopt_or_skip
+from ._nets import data
 
 STEPS, T, N = 8, 4, 6
 
@@ -72,7 +72,6 @@ def _assert_same(a, b):
 
 
 def test_two_threads_train_two_gc_nets_like_sequential_runs():
-    memopt = memopt_or_skip()
     nets = [_bn_net(memopt, seed) for seed in (1, 2)]
     refs = [_snapshot(_train(copy.deepcopy(n), seed)) for n, seed in zip(nets, (1, 2))]
     errors = []
@@ -96,7 +95,6 @@ def test_two_threads_train_two_gc_nets_like_sequential_runs():
 
 def test_first_forward_flag_does_not_leak_into_another_thread():
     """Thread A is held inside its first forward while thread B trains a full step."""
-    memopt = memopt_or_skip()
     gate = _Gate()
     net_a, net_b = _bn_net(memopt, 1, gate), _bn_net(memopt, 2)
     ref_b = _snapshot(_train(copy.deepcopy(net_b), 2, steps=1))

@@ -15,7 +15,12 @@ SURROGATES = {
     "rect": lambda: surrogate.Rect(alpha=1.0),
 }
 NEURONS = {"if": ("if", False), "lif": ("lif", True), "lif_ndi": ("lif", False)}
-BIT_DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8")
+BIT_DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8")  # kernel dtypes (bool runs as uint8)
+#: every dtype the bit packing takes, by name
+BIT_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                    "float64": torch.float64, "uint8": torch.uint8, "bool": torch.bool}  # fmt: skip
+#: (neuron, reset, detach, surrogate, store) of every neuron kernel configuration
+CONFIGS = list(itertools.product(NEURONS, ("hard", "soft"), ("detach", "nodetach"), SURROGATES, ("store", "last")))
 
 
 def all_kernels():
@@ -62,3 +67,23 @@ def launched(p, dtype, vec):
     spec = ops.spec_for(p, dtype)
     spec = ops._vectorised(spec) if vec else spec
     return [codegen.forward_name(spec), codegen.backward_name(spec)]
+
+
+def inputs(shape, dtype=torch.float32, seed=0):
+    """``(x, v, grad_spike, grad_v)`` for a run of shape ``[T, N...]``: seeded, about half the neurons firing."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 0.8 + 0.35).to(dtype)
+    v = (torch.rand(shape[1:], generator=g) * 0.5).to(dtype)
+    gs = torch.randn(shape, generator=g).to(dtype)
+    gv = torch.randn(shape, generator=g).to(dtype)
+    return x, v, gs, gv
+
+
+def run(fn, x, v, gs, gv, store):
+    """Forward ``fn(x, v)``, then backward of <spike, gs> + <v_out, gv>; outputs and grads on CPU."""
+    x = x.detach().clone().requires_grad_()
+    v = v.detach().clone().requires_grad_()
+    spike, v_out = fn(x, v)
+    gv_used = gv if store else gv[-1]
+    ((spike * gs.to(spike)).sum() + (v_out * gv_used.to(v_out)).sum()).backward()
+    return [t.detach().cpu() for t in (spike, v_out, x.grad, v.grad)]
