@@ -190,20 +190,8 @@ def apply_gc(net: nn.Module, block_types, compress: Union[str, BaseSpikeCompress
     """
     types = _check_block_types(block_types)
     _check_compress(compress)
-    if isinstance(net, types) and not (isinstance(net, GCContainer) or _is_ours(net)):
-        raise ValueError(
-            f"snnkit.memopt: the root module {type(net).__name__} is itself one of block_types; "
-            "wrap its children or pass a parent module"
-        )
-    sites = _find_blocks(net, types)
+    sites = _sites(net, types, "apply_gc")
     if not sites:
-        names = ", ".join(t.__name__ for t in types)
-        warnings.warn(
-            f"snnkit.memopt: apply_gc found no unwrapped submodule of type {names} in {type(net).__name__}; "
-            "the net is unchanged",
-            UserWarning,
-            stacklevel=2,
-        )
         return net
     binary: Dict[int, bool] = {}
     if compress == "auto":
@@ -340,6 +328,28 @@ class MemOptSummary:
 # ----------------------------------------------------------------------------- planner: public
 
 
+def _sites(net: nn.Module, types: tuple, caller: str) -> list:
+    """The unwrapped blocks of ``net`` to wrap; warns when there are none.
+
+    Raises:
+        ValueError: if ``net`` itself is a block (its own container could not replace it).
+    """
+    if isinstance(net, types) and not (isinstance(net, GCContainer) or _is_ours(net)):
+        raise ValueError(
+            f"snnkit.memopt: the root module {type(net).__name__} is itself one of block_types; "
+            "wrap its children or pass a parent module"
+        )
+    sites = _find_blocks(net, types)
+    if not sites:
+        warnings.warn(
+            f"snnkit.memopt: {caller} found no unwrapped submodule of type {', '.join(t.__name__ for t in types)} "
+            f"in {type(net).__name__}; the net is unchanged",
+            UserWarning,
+            stacklevel=3,
+        )
+    return sites
+
+
 def _put_back(blocks, bar) -> None:
     """Undo a failed plan: every block back at its site, the progress bar closed."""
     for b in blocks:
@@ -419,19 +429,10 @@ def memory_optimization(
         with MemoryTracker():
             torch.zeros(1).add_(1)
     t_start = time.perf_counter()
-    sites = _find_blocks(net, types) if level > 0 else []
-    if level > 0 and not sites:
-        warnings.warn(
-            f"snnkit.memopt: memory_optimization found no unwrapped submodule of type "
-            f"{', '.join(t.__name__ for t in types)} in {type(net).__name__}; the net is unchanged",
-            UserWarning,
-            stacklevel=2,
-        )
+    sites = _sites(net, types, "memory_optimization") if level > 0 else []
     if not sites:
         summary = MemOptSummary([], 0, 0, 0, 1.0, 0.0, time.perf_counter() - t_start, level, False)
         return (net, summary) if return_summary else net
-    if isinstance(net, types):
-        raise ValueError(f"snnkit.memopt: the root module {type(net).__name__} is itself one of block_types")
     inputs = _as_inputs(dummy_input)
     bar = _Progress(progress, 2 + (level >= 2) + (level >= 3 and temporal) + (level >= 4) + verify)
     blocks = [_Block(s) for s in sites]

@@ -124,16 +124,15 @@ class _FusedMultiStep(torch.autograd.Function):
             v_out = v.clone()
         if save:
             ctx.save_for_backward(h_seq)
-        ctx.spec, ctx.p, ctx.store_v_seq, ctx.launcher = spec, p, store_v_seq, launcher
+        ctx.spec, ctx.sc, ctx.store_v_seq, ctx.launcher = spec, sc, store_v_seq, launcher
         return spike_seq, v_out
 
     @staticmethod
     def backward(ctx, grad_spike_seq, grad_v):
         (h_seq,) = ctx.saved_tensors
-        spec, p = ctx.spec, ctx.p
+        spec, sc = ctx.spec, ctx.sc
         T = h_seq.shape[0]
         N = h_seq[0].numel() if T > 0 else 0
-        sc = kernel_scalars(p)
         grad_x = torch.empty_like(h_seq)
         grad_v0 = torch.empty(h_seq.shape[1:], dtype=h_seq.dtype, device=h_seq.device)
         if N > 0:
