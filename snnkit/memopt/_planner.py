@@ -184,7 +184,7 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
 
     Fills each block's input, state, sizes, times and ``gc``/``plain`` measurements; returns its wall time.
     """
-    by_id = {id(b.site.parent._modules[b.site.name]): b for b in blocks}
+    by_id = {id(b.site.get()): b for b in blocks}
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     cuts, open_trackers, handles = [], [], []
 
@@ -217,7 +217,7 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
         return leaf
 
     for b in blocks:
-        container = b.site.parent._modules[b.site.name]
+        container = b.site.get()
         handles += [container.register_forward_pre_hook(pre), container.register_forward_hook(post)]
     t_start = time.perf_counter()
     try:
@@ -481,7 +481,7 @@ def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scal
     is the estimated peak of the current plan. Returns ``(peak, {chain index:
     groups})``; ``{}`` keeps the current plan.
     """
-    saved = [b.site.parent._modules[b.site.name] for c in chains for b in c]
+    saved = [b.site.get() for c in chains for b in c]
     longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
     tried: Dict[Tuple[int, int, int], int] = {}
 

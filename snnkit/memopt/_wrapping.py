@@ -87,6 +87,10 @@ class _Site:
     def put(self, module: nn.Module) -> None:
         setattr(self.parent, self.name, module)
 
+    def get(self) -> nn.Module:
+        """The module at the site now (the block or what replaced it)."""
+        return self.parent._modules[self.name]
+
 
 def _find_blocks(net: nn.Module, types: Tuple[type, ...]) -> List[_Site]:
     sites: List[_Site] = []
