@@ -67,15 +67,44 @@ def test_max_pool_other_configurations_use_torch(kwargs):
         assert torch.equal(out, expected)
 
 
-def test_max_pool_with_grad_uses_torch_and_matches_its_gradient():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel,shape", [(2, (5, 3, 8, 8)), (2, (2, 3, 7, 9)), (3, (2, 4, 10, 8)), ((2, 3), (3, 6, 7))])
+def test_max_pool_gradient_keeps_only_indices_and_is_bit_identical_to_torch(kernel, shape, dtype):
+    gen = torch.Generator().manual_seed(1)
+    values = torch.tensor([0.0, -0.0, 1.0, 0.5, float("nan"), float("inf"), -float("inf")])
+    x = values[torch.randint(0, 7, shape, generator=gen)].to(dtype).requires_grad_()
+    pool = layer.MaxPool2d(kernel)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = pool(x)
+    assert saved and not any(t.is_floating_point() for t in saved)  # the indices, not the input
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    grad.view(-1)[::5] = -0.0  # torch adds the gradient to zeros: -0.0 lands as +0.0
+    grad.view(-1)[1] = float("nan")
+    (got,) = torch.autograd.grad(out, x, grad)
+    xr = x.detach().requires_grad_()
+    expected_out = nn.functional.max_pool2d(xr, kernel)
+    (expected,) = torch.autograd.grad(expected_out, xr, grad)
+    assert torch.equal(_bits(out), _bits(expected_out))
+    # the same bits, apart from NaN payloads (bfloat16 arithmetic may make a different NaN)
+    nan = got.isnan()
+    assert torch.equal(nan, expected.isnan())
+    assert torch.equal(_bits(got.masked_fill(nan, 0)), _bits(expected.masked_fill(nan, 0)))
+
+
+def test_max_pool_gradient_in_multi_step_and_deterministic_mode():
     x = (torch.rand(4, 2, 3, 6, 6) < 0.3).float().requires_grad_()  # many ties
     pool = layer.MaxPool2d(2, step_mode="m")
-    assert pool._windows(x.flatten(0, 1)) is None
     g = torch.randn(4, 2, 3, 3, 3)
-    (gx,) = torch.autograd.grad(pool(x), x, g)
     xr = x.detach().flatten(0, 1).requires_grad_()
     (expected,) = torch.autograd.grad(nn.functional.max_pool2d(xr, 2), xr, g.flatten(0, 1))
-    assert torch.equal(gx.flatten(0, 1), expected)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        (got,) = torch.autograd.grad(pool(x), x, g)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(got.flatten(0, 1), expected)
     with torch.no_grad():
         assert torch.equal(pool(x), nn.functional.max_pool2d(xr, 2).view(4, 2, 3, 3, 3))
 
