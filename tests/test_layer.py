@@ -109,6 +109,13 @@ def test_max_pool_gradient_in_multi_step_and_deterministic_mode():
         assert torch.equal(pool(x), nn.functional.max_pool2d(xr, 2).view(4, 2, 3, 3, 3))
 
 
+def test_max_pool_second_order_gradients():
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    pool = layer.MaxPool2d(2)
+    assert pool._windows(x) is not None
+    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+
+
 def test_seq_to_ann_container():
     conv = nn.Conv2d(1, 2, 3)
     f = layer.SeqToANNContainer(conv)

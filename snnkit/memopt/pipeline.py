@@ -64,9 +64,9 @@ pre-activation between the parts. A temporal split of one block divides its
 recompute by the number of chunks but not the float32 gradients flowing into
 and out of it (``grad_output`` and ``grad_input`` span all ``T`` steps): on
 the 6-block benchmark VGG (``[8, 4, 2, 48, 48]``) the first block's output
-gradient alone is 9 MiB, and single-block plans stop near 40 MiB (2.5x). A
+gradient alone is 9 MiB, and single-block plans stop near 40 MiB. A
 temporal segment over two blocks removes the full-size gradient between them,
-which is what brings that net to 32 MiB (3.2x). What remains at the peak
+which is what brings that net to 32 MiB (2.7x). What remains at the peak
 (measured breakdown, 6-block VGG, 2-block segments of 4 chunks):
 
 * the neuron states a temporal segment keeps to restart each chunk: ``n - 1``
@@ -76,14 +76,13 @@ which is what brings that net to 32 MiB (3.2x). What remains at the peak
 * the full-size float32 gradient at a segment boundary and the gradient of
   the segment's input being assembled (4.5 MiB and 2.25 MiB);
 * one chunk's recompute: convolution and BatchNorm outputs, ``h_seq``, the
-  max-pool input (decompressed) and indices (int64), their gradients (about
-  12 MiB);
+  max-pool indices (int64), their gradients (about 12 MiB);
 * parameter gradients. A temporal segment adds its chunks' parameter
   gradients in place into one sum and returns it once, but the gradients of
   all weights are alive by the end of backward. On the 8-block VGG
   (35.4 MiB of float32 weights, 512-channel 3x3 convolutions of 9 MiB each)
   this dominates: the parameter gradients (35.4 MiB) and the neurons' final
-  states (7.9 MiB) alone are 43.3 MiB, more than its 6x target (42.2 MiB), so
+  states (7.9 MiB) alone are 43.3 MiB, more than its 6x target (35.5 MiB), so
   no plan of this kind can reach 6x on it.
 
 Exactness: GC and spatial splits reproduce the plain gradients exactly. A
