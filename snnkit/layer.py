@@ -9,12 +9,17 @@ forward of a checkpointed segment it normalises with the batch statistics
 without touching the running statistics; the recompute in backward then runs
 an ordinary training forward, which updates ``running_mean``, ``running_var``
 and ``num_batches_tracked`` exactly once per step, as a plain step does.
+
+:class:`MaxPool2d` and :class:`AvgPool2d` keep no input for backward where
+their windows do not overlap (indices for max pooling, nothing for average
+pooling), so the spikes entering a pool are not kept alive until backward;
+outputs and gradients are torch's bit for bit.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
+from . import _pool
 from ._context import in_gc_1st_forward
 from .base import MemoryModule, StepModule
 
@@ -88,80 +93,39 @@ _DOC = """:class:`torch.nn.{0}` with ``step_mode`` (``"m"``: input ``[T, N, {1}]
 Linear = _step_layer(nn.Linear, None, _DOC.format("Linear", "*, in_features"))
 Conv1d = _step_layer(nn.Conv1d, (4,), _DOC.format("Conv1d", "C, L"))
 Conv2d = _step_layer(nn.Conv2d, (5,), _DOC.format("Conv2d", "C, H, W"))
-AvgPool2d = _step_layer(nn.AvgPool2d, (5,), _DOC.format("AvgPool2d", "C, H, W"))
 AdaptiveAvgPool2d = _step_layer(nn.AdaptiveAvgPool2d, (5,), _DOC.format("AdaptiveAvgPool2d", "C, H, W"))
 Flatten = _step_layer(nn.Flatten, None, _DOC.format("Flatten", "*") + " Flattens each sample.")
 
 
-def _window_max(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """Max over non-overlapping ``kh x kw`` windows of ``[*, H, W]`` (floor mode), no indices.
-
-    Elementwise maxima of the ``kh * kw`` strided views of a contiguous ``x``: on
-    CPU several times faster than ``max_pool2d``, with the same result. NaN
-    propagates, and on a tie (``-0.0`` against ``+0.0``) the earlier element of the
-    window wins, as in ``max_pool2d``: on strided views ``torch.maximum`` runs its
-    scalar loop, which returns its first argument on ties (pinned by
-    ``tests/test_layer.py``).
-    """
-    h, w = x.shape[-2] // kh * kh, x.shape[-1] // kw * kw
-    views = [x[..., i:h:kh, j:w:kw] for i in range(kh) for j in range(kw)]
-    m = torch.maximum(views[0], views[1])
-    for v in views[2:]:
-        torch.maximum(m, v, out=m)
-    return m
-
-
-class _PoolSavingIndices(torch.autograd.Function):
-    """``max_pool2d`` that keeps only its indices for backward, not its input.
-
-    The backward adds the gradient to zeros at the indices, as ``max_pool2d``'s
-    does (bit-identical, also in deterministic mode). The spikes fed to a pool
-    therefore need not stay alive until backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, kernel):
-        y, idx = F.max_pool2d(x, kernel, return_indices=True)
-        ctx.save_for_backward(idx)
-        ctx.shape = x.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        planes, size = ctx.shape[:-2].numel(), ctx.shape[-2] * ctx.shape[-1]
-        out = grad.new_zeros(planes, size)
-        out.scatter_add_(1, idx.reshape(planes, -1), grad.reshape(planes, -1))
-        return out.view(ctx.shape), None
-
-
-class _FastMaxPool2d(nn.MaxPool2d):
-    """:class:`torch.nn.MaxPool2d` with two paths for non-overlapping windows.
-
-    Without a gradient :func:`_window_max`, with one :class:`_PoolSavingIndices`.
-    """
+class _LeanMaxPool2d(nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` with two paths for non-overlapping windows (see :mod:`snnkit._pool`)."""
 
     def _windows(self, x):
-        """``(kh, kw)`` when the windows do not overlap on ``x`` (a CPU float tensor), else ``None``."""
-        if x.device.type != "cpu" or not x.is_floating_point() or x.dim() not in (3, 4) or not x.is_contiguous():
-            return None
-        if self.return_indices or self.ceil_mode:
-            return None
-        k, stride = _pair(self.kernel_size), _pair(self.stride if self.stride is not None else self.kernel_size)
-        if k != stride or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1) or k[0] * k[1] < 2:
-            return None
-        return k if x.shape[-2] >= k[0] and x.shape[-1] >= k[1] else None
+        return None if self.return_indices else _pool.windows(self, x)
 
     def forward(self, x):
         k = self._windows(x)
         if k is None:
             return super().forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PoolSavingIndices.apply(x, k)
-        return _window_max(x, *k)
+            return _pool.MaxPoolSavingIndices.apply(x, k)
+        return _pool.window_max(x, *k)
 
 
-class MaxPool2d(_StepLayer, _FastMaxPool2d):
+class _LeanAvgPool2d(nn.AvgPool2d):
+    """:class:`torch.nn.AvgPool2d` that keeps only the input's shape for non-overlapping windows."""
+
+    def _windows(self, x):
+        return _pool.windows(self, x)
+
+    def forward(self, x):
+        k = self._windows(x) if torch.is_grad_enabled() and x.requires_grad else None
+        if k is None:
+            return super().forward(x)
+        return _pool.AvgPoolSavingShape.apply(x, k, self.divisor_override)
+
+
+class MaxPool2d(_StepLayer, _LeanMaxPool2d):
     """:class:`torch.nn.MaxPool2d` with ``step_mode`` (``"m"``: input ``[T, N, C, H, W]``).
 
     Where the windows do not overlap (``stride == kernel_size``, no padding or
@@ -187,6 +151,35 @@ class MaxPool2d(_StepLayer, _FastMaxPool2d):
 
     def __init__(self, *args, step_mode: str = "s", **kwargs):
         nn.MaxPool2d.__init__(self, *args, **kwargs)
+        self.step_mode = step_mode
+
+
+class AvgPool2d(_StepLayer, _LeanAvgPool2d):
+    """:class:`torch.nn.AvgPool2d` with ``step_mode`` (``"m"``: input ``[T, N, C, H, W]``).
+
+    Where a gradient is needed and the windows do not overlap (``stride ==
+    kernel_size``, no padding, floor mode) on a contiguous CPU float tensor, it
+    keeps only the input's shape for backward, not the input (torch keeps the
+    input), with torch's outputs and gradients bit for bit. Everything else is
+    torch's.
+
+    Example:
+        >>> import torch
+        >>> from snnkit.layer import AvgPool2d
+        >>> pool = AvgPool2d(2, step_mode="m")
+        >>> x = torch.arange(16.0).view(1, 1, 1, 4, 4).requires_grad_()
+        >>> y = pool(x)
+        >>> y.flatten()
+        tensor([ 2.5000,  4.5000, 10.5000, 12.5000], grad_fn=<ViewBackward0>)
+        >>> y.sum().backward()
+        >>> x.grad.flatten()[:4]
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+
+    _m_dims = (5,)
+
+    def __init__(self, *args, step_mode: str = "s", **kwargs):
+        nn.AvgPool2d.__init__(self, *args, **kwargs)
         self.step_mode = step_mode
 
 

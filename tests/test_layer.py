@@ -67,37 +67,52 @@ def test_max_pool_other_configurations_use_torch(kwargs):
         assert torch.equal(out, expected)
 
 
+# (our pool, torch's function, whether it saves anything: indices for max, nothing for average)
+POOLS = {
+    "max": (lambda k: layer.MaxPool2d(k), lambda x, k: nn.functional.max_pool2d(x, k), True),
+    "avg": (lambda k: layer.AvgPool2d(k), lambda x, k: nn.functional.avg_pool2d(x, k), False),
+    "avg-divisor": (lambda k: layer.AvgPool2d(k, divisor_override=3),
+                    lambda x, k: nn.functional.avg_pool2d(x, k, divisor_override=3), False),
+}
+
+
+@pytest.mark.parametrize("pool_kind", list(POOLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel,shape", [(2, (5, 3, 8, 8)), (2, (2, 3, 7, 9)), (3, (2, 4, 10, 8)), ((2, 3), (3, 6, 7))])
-def test_max_pool_gradient_keeps_only_indices_and_is_bit_identical_to_torch(kernel, shape, dtype):
+def test_pool_gradient_keeps_no_input_and_is_bit_identical_to_torch(kernel, shape, dtype, pool_kind):
+    make, reference, saves = POOLS[pool_kind]
     gen = torch.Generator().manual_seed(1)
     values = torch.tensor([0.0, -0.0, 1.0, 0.5, float("nan"), float("inf"), -float("inf")])
     x = values[torch.randint(0, 7, shape, generator=gen)].to(dtype).requires_grad_()
-    pool = layer.MaxPool2d(kernel)
+    pool = make(kernel)
+    assert pool._windows(x) is not None
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = pool(x)
-    assert saved and not any(t.is_floating_point() for t in saved)  # the indices, not the input
+    assert bool(saved) == saves and not any(t.is_floating_point() for t in saved)  # never the input
     grad = torch.randn(out.shape, generator=gen).to(dtype)
     grad.view(-1)[::5] = -0.0  # torch adds the gradient to zeros: -0.0 lands as +0.0
     grad.view(-1)[1] = float("nan")
     (got,) = torch.autograd.grad(out, x, grad)
     xr = x.detach().requires_grad_()
-    expected_out = nn.functional.max_pool2d(xr, kernel)
+    expected_out = reference(xr, kernel)
     (expected,) = torch.autograd.grad(expected_out, xr, grad)
-    assert torch.equal(_bits(out), _bits(expected_out))
     # the same bits, apart from NaN payloads (bfloat16 arithmetic may make a different NaN)
-    nan = got.isnan()
-    assert torch.equal(nan, expected.isnan())
-    assert torch.equal(_bits(got.masked_fill(nan, 0)), _bits(expected.masked_fill(nan, 0)))
+    for a, b in ((out, expected_out), (got, expected)):
+        nan = a.isnan()
+        assert torch.equal(nan, b.isnan())
+        assert torch.equal(_bits(a.masked_fill(nan, 0)), _bits(b.masked_fill(nan, 0)))
 
 
-def test_max_pool_gradient_in_multi_step_and_deterministic_mode():
+@pytest.mark.parametrize("pool_kind", list(POOLS))
+def test_pool_gradient_in_multi_step_and_deterministic_mode(pool_kind):
+    make, reference, _ = POOLS[pool_kind]
     x = (torch.rand(4, 2, 3, 6, 6) < 0.3).float().requires_grad_()  # many ties
-    pool = layer.MaxPool2d(2, step_mode="m")
+    pool = make(2)
+    pool.step_mode = "m"
     g = torch.randn(4, 2, 3, 3, 3)
     xr = x.detach().flatten(0, 1).requires_grad_()
-    (expected,) = torch.autograd.grad(nn.functional.max_pool2d(xr, 2), xr, g.flatten(0, 1))
+    (expected,) = torch.autograd.grad(reference(xr, 2), xr, g.flatten(0, 1))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -106,14 +121,30 @@ def test_max_pool_gradient_in_multi_step_and_deterministic_mode():
         torch.use_deterministic_algorithms(was)
     assert torch.equal(got.flatten(0, 1), expected)
     with torch.no_grad():
-        assert torch.equal(pool(x), nn.functional.max_pool2d(xr, 2).view(4, 2, 3, 3, 3))
+        assert torch.equal(pool(x), reference(xr, 2).view(4, 2, 3, 3, 3))
 
 
-def test_max_pool_second_order_gradients():
+@pytest.mark.parametrize("pool_kind", list(POOLS))
+def test_pool_second_order_gradients(pool_kind):
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
-    pool = layer.MaxPool2d(2)
+    pool = POOLS[pool_kind][0](2)
     assert pool._windows(x) is not None
     assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(kernel_size=2, stride=1), dict(kernel_size=2, padding=1), dict(kernel_size=2, ceil_mode=True),
+               dict(kernel_size=1), dict(kernel_size=2, padding=1, count_include_pad=False)]
+)
+def test_avg_pool_other_configurations_use_torch(kwargs):
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    pool = layer.AvgPool2d(**kwargs)
+    assert pool._windows(x) is None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = pool(x)
+    assert saved  # torch's pool, which keeps its input
+    assert torch.equal(out, nn.AvgPool2d(**kwargs)(x))
 
 
 def test_seq_to_ann_container():

@@ -159,13 +159,14 @@ def test_live_state_after_backward_is_state_after_forward():
     assert all(a.grad_fn is not None for a in after_forward)  # still in the graph for the next call
 
 
+@pytest.mark.parametrize("pool", [layer.MaxPool2d, layer.AvgPool2d])
 @pytest.mark.parametrize("comp", COMPRESSORS, ids=lambda c: c.__name__)
-def test_segments_starting_with_a_max_pool_are_exact_and_decompress_once(comp):
-    """The pool keeps only its indices, so the recompute needs the input once (not again in backward)."""
+def test_segments_starting_with_a_pool_are_exact_and_decompress_once(comp, pool):
+    """The pool keeps no input, so the recompute needs the input once (not again in backward)."""
     torch.manual_seed(0)
 
     def block(ci, co):
-        return nn.Sequential(layer.MaxPool2d(2, step_mode="m"), layer.Conv2d(ci, co, 3, padding=1, step_mode="m"),
+        return nn.Sequential(pool(2, step_mode="m"), layer.Conv2d(ci, co, 3, padding=1, step_mode="m"),
                              layer.BatchNorm2d(co, step_mode="m"), neuron.LIFNode(v_threshold=0.3, step_mode="m"))
 
     plain = nn.Sequential(block(2, 3), block(3, 4))
