@@ -131,6 +131,44 @@ def test_strictly_binary_compressor_rejects_non_binary_input(shape, bad, dtype, 
         seg(x).sum().backward()
 
 
+# ---------------------------------------------------------------- pools
+
+
+@st.composite
+def pool_configs(draw):
+    k = draw(st.sampled_from([1, 2, 3, (2, 3), (3, 2)]))
+    kw = dict(kernel_size=k, stride=draw(st.sampled_from([None, 1, 2, k])), padding=0,
+              ceil_mode=draw(st.booleans()))
+    kh, kw_ = (k, k) if isinstance(k, int) else k
+    if draw(st.booleans()) and min(kh, kw_) >= 2:
+        kw["padding"] = 1
+    return kw
+
+
+@SETTINGS
+@given(cfg=pool_configs(), kind=st.sampled_from(["max", "avg"]), n=st.integers(1, 3), c=st.integers(1, 3),
+       h=st.integers(3, 9), w=st.integers(3, 9), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]), binary=st.booleans())
+def test_pools_equal_torch_bit_for_bit(cfg, kind, n, c, h, w, seed, dtype, binary):
+    """snnkit's pools (lean paths where windows do not overlap, torch's elsewhere) against torch's functions."""
+    x0 = _randn([n, c, h, w], seed, dtype)
+    if binary:  # ties everywhere
+        x0 = (x0 > 0.5).to(dtype)
+    ours = (layer.MaxPool2d if kind == "max" else layer.AvgPool2d)(**cfg)
+    ref = nn.functional.max_pool2d if kind == "max" else nn.functional.avg_pool2d
+    g_out = None
+    results = []
+    for f in (ours, lambda x: ref(x, **cfg)):
+        x = x0.clone().requires_grad_(True)
+        y = f(x)
+        if g_out is None:
+            g_out = _randn(list(y.shape), seed + 1, dtype)
+        y.backward(g_out)
+        results.append((y.detach(), x.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- GC exactness
 
 
@@ -185,6 +223,37 @@ def test_gc_exact_on_random_stacks(stack, T, N, seed, wrap, comp):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
+
+
+@SETTINGS
+@given(depth=st.integers(1, 2), pools=st.lists(st.sampled_from(["max", "avg"]), min_size=2, max_size=2),
+       channels=st.lists(st.integers(1, 3), min_size=3, max_size=3), hw=st.integers(4, 9),
+       T=st.integers(1, 4), seed=st.integers(0, 2**16), wrap=st.sampled_from(["gc", "tc2"]), comp=st.integers(0, 4))
+def test_gc_exact_on_random_pooled_conv_stacks(depth, pools, channels, hw, T, seed, wrap, comp):
+    """Blocks that start with a pool (which keeps no input for backward): GC equals plain (float64)."""
+    torch.manual_seed(seed)
+    blocks = []
+    for i in range(depth):
+        pool = (layer.MaxPool2d if pools[i] == "max" else layer.AvgPool2d)(2, step_mode="m")
+        conv = layer.Conv2d(channels[i], channels[i + 1], 3, padding=1, step_mode="m").double()
+        blocks.append([pool, conv, neuron.LIFNode(v_threshold=0.3, step_mode="m")])
+    plain = nn.Sequential(*[m for b in blocks for m in b])
+    wrapped = []
+    for i, b in enumerate(copy.deepcopy(blocks)):
+        c = memopt.NullSpikeCompressor() if i == 0 else _compressors(memopt)[comp]()
+        wrapped.append(memopt.GCContainer(c, *b) if wrap == "gc" else memopt.TCGCContainer(c, *b, n_chunk=2))
+    gc = nn.Sequential(*wrapped)
+    x0 = _randn([T, 2, channels[0], hw * 2, hw * 2 + 1], seed, torch.float64)
+    results = []
+    for net in (plain, gc):
+        x = x0.clone().requires_grad_(True)
+        with pytest.warns(UserWarning, match="larger than T") if net is gc and wrap == "tc2" and T < 2 \
+                else contextlib.nullcontext():
+            y = net(x)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).cos()).sum().backward()
+        results.append([y.detach(), x.grad, *[p.grad for p in net.parameters()]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_tcgc_refuses_single_step_modules():
