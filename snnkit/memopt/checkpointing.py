@@ -757,8 +757,7 @@ class TCGCContainer(GCContainer):
         )
 
     def _chunk_forward(self, acc, handle, x, *args):
-        if acc is None:
-            return super().forward(x, *args)
+        """One chunk as a GC segment (``acc`` None: as :meth:`GCContainer.forward`)."""
         return _checkpoint(
             self.super_forward, self.x_compressor, x, args, self, _has_state(self), self._super_forward_boxed, acc, handle
         )
