@@ -200,7 +200,15 @@ class _GCAwareBatchNorm(_StepLayer):
 
 
 class BatchNorm1d(_GCAwareBatchNorm, nn.BatchNorm1d):
-    """GC-aware :class:`torch.nn.BatchNorm1d` with ``step_mode`` (``"m"``: ``[T, N, C]`` or ``[T, N, C, L]``)."""
+    """GC-aware :class:`torch.nn.BatchNorm1d` with ``step_mode`` (``"m"``: ``[T, N, C]`` or ``[T, N, C, L]``).
+
+    Example:
+        >>> import torch
+        >>> from snnkit.layer import BatchNorm1d
+        >>> bn = BatchNorm1d(3, step_mode="m")
+        >>> bn(torch.randn(4, 2, 3)).shape
+        torch.Size([4, 2, 3])
+    """
 
     _m_dims = (3, 4)
 
@@ -210,7 +218,17 @@ class BatchNorm1d(_GCAwareBatchNorm, nn.BatchNorm1d):
 
 
 class BatchNorm2d(_GCAwareBatchNorm, nn.BatchNorm2d):
-    """GC-aware :class:`torch.nn.BatchNorm2d` with ``step_mode`` (``"m"``: ``[T, N, C, H, W]``)."""
+    """GC-aware :class:`torch.nn.BatchNorm2d` with ``step_mode`` (``"m"``: ``[T, N, C, H, W]``).
+
+    Example:
+        >>> import torch
+        >>> from snnkit.layer import BatchNorm2d
+        >>> from snnkit.memopt import GCContainer
+        >>> segment = GCContainer(None, BatchNorm2d(3, step_mode="m"))
+        >>> segment(torch.randn(4, 2, 3, 5, 5, requires_grad=True)).sum().backward()
+        >>> segment[0].num_batches_tracked  # updated once per step, as without GC
+        tensor(1)
+    """
 
     _m_dims = (5,)
 

@@ -72,6 +72,15 @@ class CompressedSpikes:
         shape: Shape of the original tensor.
         flag: ``None``, or a 0-dim device tensor that is nonzero when the input
             was not valid for the compressor (read once, by ``decompress``).
+
+    Example:
+        >>> import torch
+        >>> from snnkit.memopt import BitSpikeCompressor
+        >>> c = BitSpikeCompressor().compress(torch.tensor([[1., 0., 1.], [0., 0., 1.]]))
+        >>> c
+        CompressedSpikes(payload_shapes=[(1,)], dtype=torch.float32, shape=(2, 3))
+        >>> c.nbytes
+        1
     """
 
     __slots__ = ("payload", "dtype", "shape", "flag", "_single")

@@ -217,6 +217,18 @@ def unwrap_gc(net: nn.Module) -> nn.Module:
 
     Returns:
         ``net``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from snnkit import layer, neuron
+        >>> from snnkit.memopt import apply_gc, unwrap_gc
+        >>> class Block(nn.Sequential):
+        ...     pass
+        >>> net = nn.Sequential(Block(layer.Linear(4, 4), neuron.IFNode()))
+        >>> type(apply_gc(net, Block, compress="bit")[0]).__name__
+        'GCContainer'
+        >>> type(unwrap_gc(net)[0]).__name__
+        'Block'
     """
 
     def walk(parent):
@@ -263,6 +275,20 @@ class MemOptSummary:
         planning_s: Wall time of planning.
         level: The level the planner ran.
         verified: Whether ``peak_after`` was measured on a real step.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from snnkit import layer, neuron
+        >>> from snnkit.memopt import memory_optimization
+        >>> class Block(nn.Sequential):
+        ...     pass
+        >>> net = nn.Sequential(*[Block(layer.Linear(16, 16, step_mode="m"), neuron.IFNode(step_mode="m"))
+        ...                       for _ in range(2)])
+        >>> _, summary = memory_optimization(net, Block, torch.rand(4, 2, 16), level=1, return_summary=True)
+        >>> summary.wrapped, summary.level
+        (['0', '1'], 1)
+        >>> summary.peak_after <= summary.peak_before
+        True
     """
 
     rows: List[Dict[str, Any]]
