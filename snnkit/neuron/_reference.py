@@ -135,22 +135,28 @@ class _MultiStep(torch.autograd.Function):
         # BPTT, t = T-1 .. 0, with g[t] the gradient reaching V[t]:
         #   grad_h[t] = grad_s[t] sg[t] + dV[t]/dH[t] g[t]
         #   g[t-1]    = leak grad_h[t] (+ grad of v_seq[t-1] when stored)
+        # grad_h[t] overwrites H[t], which no later step reads; H is copied first
+        # only when autograd keeps the graph for another backward (retain_graph).
         (h_seq,) = ctx.saved_tensors
         p = ctx.p
         leak = _leak(p)
-        grad_h = p.surrogate.derivative(h_seq - p.v_threshold, inplace=True)  # sg, becomes grad_h
+        grad_h = h_seq.clone() if torch._C._autograd._get_current_graph_task_keep_graph() else h_seq
         dv_dh = None if (p.detach_reset and not p.hard_reset) else torch.empty_like(h_seq[0])
         g = torch.empty_like(h_seq[0]) if ctx.store_v_seq else None
         for t in range(h_seq.shape[0] - 1, -1, -1):
-            sg = grad_h[t]
+            h = grad_h[t]  # H[t] until sg is written into it
             if p.hard_reset:  # (1 - S) [+ (V_reset - H) sg]
-                torch.lt(h_seq[t], p.v_threshold, out=dv_dh)
-                if not p.detach_reset:
-                    dv_dh.addcmul_(h_seq[t], sg, value=-1.0)
-                    if p.v_reset != 0.0:
-                        dv_dh.add_(sg, alpha=p.v_reset)
-            elif dv_dh is not None:  # 1 - V_th sg
-                torch.mul(sg, -p.v_threshold, out=dv_dh).add_(1.0)
+                torch.lt(h, p.v_threshold, out=dv_dh)
+            if p.hard_reset and not p.detach_reset:
+                sg_t = p.surrogate.derivative(h - p.v_threshold, inplace=True)
+                dv_dh.addcmul_(h, sg_t, value=-1.0)
+                if p.v_reset != 0.0:
+                    dv_dh.add_(sg_t, alpha=p.v_reset)
+                sg = h.copy_(sg_t)
+            else:
+                sg = p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
+                if dv_dh is not None and not p.hard_reset:  # soft reset: 1 - V_th sg
+                    torch.mul(sg, -p.v_threshold, out=dv_dh).add_(1.0)
             sg.mul_(grad_spike_seq[t])
             if ctx.store_v_seq:
                 g_t = torch.add(grad_v[t], grad_h[t + 1], alpha=leak, out=g) if t + 1 < len(h_seq) else grad_v[t]
