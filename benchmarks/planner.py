@@ -48,7 +48,7 @@ class ConvBlock(nn.Module):
     def __init__(self, lib, c_in, c_out, pool):
         super().__init__()
         L, Nr = _libs(lib)
-        mods = ([L.MaxPool2d(2)] if pool else []) + [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+        mods = ([L.MaxPool2d(2)] if pool else []) + [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), L.BatchNorm2d(c_out)]
         self.conv = L.SeqToANNContainer(*mods)
         self.sn = Nr.LIFNode(tau=2.0, step_mode="m", detach_reset=True)
 

@@ -34,7 +34,8 @@ NOTE [ Invariants of a GC segment ]
        ``running_mean``, ``running_var`` and ``num_batches_tracked`` in the
        recompute, exactly once per training step. A step whose backward never
        runs therefore leaves the statistics unchanged. (``torch.nn.BatchNorm``
-       modules would update twice; use the snnkit layers inside GC segments.)
+       modules would update twice; use the snnkit layers inside GC segments.
+       A :class:`GCContainer` built around one that tracks statistics warns.)
     5. The caller's tensors are never modified (no ``requires_grad_`` on inputs).
        The parameters of the modules of a segment are explicit inputs of the
        checkpointed function, so it works without any input requiring grad.
@@ -110,7 +111,7 @@ import torch
 import torch.nn as nn
 
 from .. import base
-from ..layer import SeqToANNContainer
+from ..layer import BatchNorm1d, BatchNorm2d, SeqToANNContainer
 from .._context import gc_1st_forward, in_gc_1st_forward
 from .compress import BaseSpikeCompressor, CompressedSpikes, NullSpikeCompressor
 
@@ -598,6 +599,24 @@ def _has_state(module: nn.Module) -> bool:
     return any(isinstance(m, base.MemoryModule) for m in module.modules())
 
 
+def _warn_statistics_updated_twice(container: nn.Module) -> None:
+    """Warn about BatchNorm layers that a segment would make update their statistics twice a step."""
+    for name, m in container.named_modules():
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and not isinstance(m, (BatchNorm1d, BatchNorm2d))
+        ):
+            warnings.warn(
+                f"snnkit.memopt: torch.nn.{type(m).__name__} at {name!r} in a "
+                f"{type(container).__name__} updates its running statistics twice per training step (in the "
+                "first forward and in the recompute); use snnkit.layer.BatchNorm1d/BatchNorm2d, which update "
+                "them once",
+                stacklevel=3,
+            )
+            return
+
+
 def to_gc_function(x_compressor: BaseSpikeCompressor, f_forward: Optional[Callable] = None) -> Callable:
     """Wrap ``f_forward`` with :func:`input_compressed_gc` (decorator or converter).
 
@@ -669,6 +688,7 @@ class GCContainer(nn.Sequential):
     def __init__(self, x_compressor: Optional[BaseSpikeCompressor], *args):
         super().__init__(*args)
         self.x_compressor = _as_compressor(x_compressor)
+        _warn_statistics_updated_twice(self)
 
     def extra_repr(self) -> str:
         return f"x_compressor={self.x_compressor!r}"

@@ -2,6 +2,7 @@
 import copy
 import pickle
 import threading
+import warnings
 
 import pytest
 import torch
@@ -346,6 +347,24 @@ def test_tc_errors_and_attributes():
     assert (tc.n_chunk, tc.n_seq_inputs, tc.n_outputs) == (2, 2, 1)
     with pytest.raises(ValueError, match="differ in length"):
         tc(torch.randn(4, 2), torch.randn(3, 2))
+
+
+def test_torch_batchnorm_in_a_segment_warns_that_statistics_update_twice():
+    # What the warning is about: torch's BatchNorm counts the first forward and the recompute.
+    torch_bn = nn.BatchNorm1d(4)
+    gc = _warned(lambda: GCContainer(None, layer.SeqToANNContainer(nn.Linear(3, 4), torch_bn)), "'0.1' in a GCContainer")
+    gc(torch.randn(T, N, 3)).sum().backward()
+    assert torch_bn.num_batches_tracked.item() == 2
+    _warned(lambda: TCGCContainer(None, nn.Linear(3, 4), nn.BatchNorm1d(4), n_chunk=2), "'1' in a TCGCContainer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GCContainer(None, layer.SeqToANNContainer(nn.Linear(3, 4), layer.BatchNorm1d(4)))
+        GCContainer(None, layer.SeqToANNContainer(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)))
+
+
+def _warned(make, where):
+    with pytest.warns(UserWarning, match=rf"torch.nn.BatchNorm1d at {where}.*twice.*snnkit.layer.BatchNorm1d"):
+        return make()
 
 
 def test_invalid_input_raises_in_backward_naming_the_compressor():

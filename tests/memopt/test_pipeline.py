@@ -39,7 +39,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, i, o):
         super().__init__()
-        self.conv = layer.SeqToANNContainer(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o))
+        self.conv = layer.SeqToANNContainer(nn.Conv2d(i, o, 3, padding=1, bias=False), layer.BatchNorm2d(o))
         self.sn = neuron.LIFNode(step_mode="m", v_threshold=0.5)
 
     def forward(self, x):
