@@ -66,15 +66,15 @@ and out of it (``grad_output`` and ``grad_input`` span all ``T`` steps): on
 the 6-block benchmark VGG (``[8, 4, 2, 48, 48]``) the first block's output
 gradient alone is 9 MiB, and single-block plans stop near 40 MiB. A
 temporal segment over two blocks removes the full-size gradient between them,
-which is what brings that net to 32 MiB (2.7x). What remains at the peak
+which is what brings that net to 31 MiB (2.7x). What remains at the peak
 (measured breakdown, 6-block VGG, 2-block segments of 4 chunks):
 
 * the neuron states a temporal segment keeps to restart each chunk: ``n - 1``
   time steps of every neuron's membrane potential, plus the final state each
-  module holds anyway (12.7 MiB of the 32 MiB, the largest item: more chunks
+  module holds anyway (10.8 MiB of the 31 MiB, the largest item: more chunks
   lower the recompute but raise this, which is why 8 chunks lose to 4);
-* the full-size float32 gradient at a segment boundary and the gradient of
-  the segment's input being assembled (4.5 MiB and 2.25 MiB);
+* the float32 gradient flowing into the segment and the chunk gradients of
+  its input waiting to be joined (2.25 MiB and 3.4 MiB);
 * one chunk's recompute: convolution and BatchNorm outputs, ``h_seq``, the
   max-pool indices (int64), their gradients (about 12 MiB);
 * parameter gradients. A temporal segment adds its chunks' parameter
