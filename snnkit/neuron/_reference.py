@@ -8,7 +8,7 @@ same order, so ``T`` single steps and one multi-step call give bit-identical
 spikes and states. The CUDA kernels follow that order too.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -76,10 +76,12 @@ def step(x: torch.Tensor, v: torch.Tensor, p: NeuronParams) -> Tuple[torch.Tenso
 
 
 def multistep(
-    x_seq: torch.Tensor, v: torch.Tensor, p: NeuronParams, store_v_seq: bool = False
+    x_seq: torch.Tensor, v: Union[torch.Tensor, float], p: NeuronParams, store_v_seq: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run ``T`` steps over ``x_seq`` ``[T, N, *]`` from the state ``v`` ``[N, *]``.
 
+    ``v`` may be a float, the same potential everywhere (a fresh state): it is
+    expanded in the first step only, so no ``[N, *]`` tensor of it outlives that step.
     Returns ``(spike_seq, v_seq)`` with ``v_seq`` ``[T, N, *]`` if ``store_v_seq``,
     else ``(spike_seq, v_last)``. Gradients flow to ``x_seq`` and ``v``; when
     none is needed (``torch.no_grad()``, inference, the first forward of a GC
@@ -97,7 +99,7 @@ def needs_graph(x_seq: torch.Tensor, v: torch.Tensor) -> bool:
     Not under ``torch.no_grad()`` or inside another autograd function's forward
     (the first forward of a GC segment), even when an input requires grad.
     """
-    return torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad)
+    return torch.is_grad_enabled() and (x_seq.requires_grad or (isinstance(v, torch.Tensor) and v.requires_grad))
 
 
 def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
@@ -106,6 +108,8 @@ def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
     h_buf = None if keep_h else torch.empty_like(x_seq[0])
     spike_seq = torch.empty_like(x_seq)
     v_seq = torch.empty_like(x_seq) if store_v_seq else None
+    if not isinstance(v, torch.Tensor) and len(x_seq):
+        v = torch.full_like(x_seq[0], v)  # the only reference: freed once step 0 is done
     for t in range(x_seq.shape[0]):
         h = charge(x_seq[t], v, p, out=h_seq[t] if keep_h else h_buf)
         spike = torch.ge(h, p.v_threshold, out=spike_seq[t])  # float 0/1: Heaviside(h - V_th)

@@ -102,12 +102,14 @@ class BaseNode(MemoryModule):
                 f"{type(self).__name__} in step_mode='m' expects a sequence [T, N, *], got shape {tuple(x_seq.shape)}; "
                 "use step_mode='s' for a single step"
             )
-        v = self._initial_v(x_seq[0])
         if self.backend == "cupy":
             from ._cuda import ops
 
+            v = self._initial_v(x_seq[0])
             spike_seq, v_out = ops.multistep(x_seq, v, self._params(), self.store_v_seq)
         else:
+            # A fresh (float) state stays a float: multistep expands it for the first step only.
+            v = self.v if not isinstance(self.v, torch.Tensor) else self._initial_v(x_seq[0])
             spike_seq, v_out = _reference.multistep(x_seq, v, self._params(), self.store_v_seq)
         if self.store_v_seq:
             self.v_seq = v_out

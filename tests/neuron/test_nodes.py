@@ -49,6 +49,27 @@ def test_gradient_flows_through_state_across_calls():
     assert x1.grad is not None and x1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cls", [neuron.IFNode, neuron.LIFNode])
+@pytest.mark.parametrize("grad", [False, True])
+def test_fresh_state_is_expanded_for_the_first_step_only(cls, grad):
+    # A fresh node (state a float) must peak no higher than one handed the same state as a
+    # tensor made beforehand: the expanded initial state does not outlive the first step.
+    from snnkit.memopt import MemoryTracker
+
+    x = (torch.rand(5, 3, 64) * 2).requires_grad_(grad)
+    results = []
+    for fresh in (True, False):
+        node = make(cls, step_mode="m")
+        if not fresh:
+            node.v = torch.zeros(3, 64)
+        with MemoryTracker() as tracker:
+            out = node(x)
+        results.append((tracker.peak_bytes, out, node.v))
+    (peak_fresh, out_fresh, v_fresh), (peak_given, out_given, v_given) = results
+    assert peak_fresh <= peak_given
+    assert torch.equal(out_fresh, out_given) and torch.equal(v_fresh, v_given)
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'cupy'\), got 'jax'"):
         neuron.LIFNode(backend="jax")
