@@ -22,6 +22,7 @@ from ._wrapping import (
     _nbytes,
     _run,
     _Site,
+    _spatial_parts,
     _SpatialSplit,
     _StateGuard,
     _tensors,
@@ -277,19 +278,6 @@ def _gc_and_plain_costs(b: _Block, comp: BaseSpikeCompressor) -> None:
     b.costs["plain"] = _Cost(b.plain_saved + b.state_bytes, b.fwd_gc + b.plain_new, max(0, b.bwd_gc - b.plain_new))
     b.compressors["gc"] = type(comp).__name__
     b.compressors["plain"] = "-"
-
-
-def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
-    split = getattr(block, "__spatial_split__", None)
-    if callable(split):
-        parts = list(split())
-        if not all(isinstance(p, nn.Module) for p in parts):
-            raise TypeError(f"snnkit.memopt: {type(block).__name__}.__spatial_split__() must return nn.Modules")
-    elif isinstance(block, nn.Sequential):
-        parts = list(block)
-    else:
-        return None
-    return parts if len(parts) >= 2 else None
 
 
 def _spatial_candidate(b: _Block, compress, comp: BaseSpikeCompressor) -> Optional[nn.Module]:

@@ -219,18 +219,37 @@ class _Merged(nn.Module):
         return f"runs inside the temporal segment before it ({type(self.__dict__['_block']).__name__})"
 
 
+def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
+    """The parts that run one after another to make ``block`` (``__spatial_split__``, a Sequential's children)."""
+    split = getattr(block, "__spatial_split__", None)
+    if callable(split):
+        parts = list(split())
+        if not all(isinstance(p, nn.Module) for p in parts):
+            raise TypeError(f"snnkit.memopt: {type(block).__name__}.__spatial_split__() must return nn.Modules")
+    elif isinstance(block, nn.Sequential):
+        parts = list(block)
+    else:
+        return None
+    return parts if len(parts) >= 2 else None
+
+
 def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk: Optional[int]) -> nn.Module:
-    """Consecutive sibling blocks as one GC segment (``n_chunk``: temporal chunks)."""
-    container = _wrap(blocks[0], compressor, n_chunk)
-    for i, block in enumerate(blocks[1:], 1):
-        container.add_module(str(i), block)
+    """Consecutive sibling blocks as one GC segment (``n_chunk``: temporal chunks).
+
+    Blocks that split spatially run as their parts: a block's own forward holds
+    its input until it returns, the segment frees it once the first part is done.
+    """
+    modules = [m for block in blocks for m in (_spatial_parts(block) or [block])]
+    container = _wrap(modules[0], compressor, n_chunk)
+    for i, module in enumerate(modules[1:], 1):
+        container.add_module(str(i), module)
+    container.__dict__["_block"] = blocks[0]  # the original first block, kept out of the module tree
     return container
 
 
 def _original(container: nn.Module) -> nn.Module:
-    if isinstance(container, (_SpatialSplit, _Merged)):
-        block = container.__dict__["_block"]
-    else:
+    block = container.__dict__.get("_block")
+    if block is None:
         block = container[0]
     block.train(container.training)
     return block

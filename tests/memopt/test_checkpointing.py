@@ -3,6 +3,7 @@ import copy
 import pickle
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -533,6 +534,25 @@ def test_recompute_frees_input_and_memory_reuse_is_not_mistaken_for_it():
     for shape in [(4, 5), (64, 5), (4096, 5)]:
         x = _spikes(*shape, dtype=torch.float64)
         _assert_same(_step(plain, x, "s"), _step(gc, x, "s"), exact=True)
+
+
+def test_each_input_is_freed_once_the_module_that_takes_it_returns():
+    # In the first forward and in the recompute the segment keeps no module's input
+    # alive after that module returns: the third module sees the second's input gone.
+    seen = []
+
+    def remember(x):
+        seen.append(weakref.ref(x))
+        return x * 2
+
+    def check(x):
+        checked.append(seen[-1]() is None)
+        return x + 1
+
+    checked = []
+    gc = GCContainer(BitSpikeCompressor(), _Fn(lambda x: x * 3), _Fn(remember), _Fn(check), layer.Linear(5, 3))
+    gc(_spikes(4, 5).requires_grad_()).sum().backward()
+    assert checked == [True, True]
 
 
 def test_input_compressed_gc_on_a_stateful_module_passes_its_state():
