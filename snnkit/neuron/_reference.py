@@ -56,16 +56,17 @@ def fire(h: torch.Tensor, p: NeuronParams) -> torch.Tensor:
     return p.surrogate(h - p.v_threshold)
 
 
-def reset(h: torch.Tensor, spike: torch.Tensor, p: NeuronParams) -> torch.Tensor:
+def reset(h: torch.Tensor, spike: torch.Tensor, p: NeuronParams, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Potential after the spike: hard ``H - H S + V_reset S`` or soft ``H - V_th S``.
 
     The hard form equals ``H (1 - S) + V_reset S`` bit for bit for finite ``H``.
+    ``out`` (no-grad use only) receives the result instead of a new tensor.
     """
     s = spike.detach() if p.detach_reset else spike
     if p.hard_reset:
-        v = torch.addcmul(h, h, s, value=-1.0)
+        v = torch.addcmul(h, h, s, value=-1.0, out=out)
         return v.add_(s, alpha=p.v_reset) if p.v_reset != 0.0 else v
-    return torch.add(h, s, alpha=-p.v_threshold)
+    return torch.add(h, s, alpha=-p.v_threshold, out=out)
 
 
 def step(x: torch.Tensor, v: torch.Tensor, p: NeuronParams) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -108,12 +109,15 @@ def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
     h_buf = None if keep_h else torch.empty_like(x_seq[0])
     spike_seq = torch.empty_like(x_seq)
     v_seq = torch.empty_like(x_seq) if store_v_seq else None
-    if not isinstance(v, torch.Tensor) and len(x_seq):
-        v = torch.full_like(x_seq[0], v)  # the only reference: freed once step 0 is done
+    # Once v is a tensor of this loop's own (not the caller's state), each step resets into it.
+    own = not isinstance(v, torch.Tensor)
+    if own and len(x_seq):
+        v = torch.full_like(x_seq[0], v)
     for t in range(x_seq.shape[0]):
         h = charge(x_seq[t], v, p, out=h_seq[t] if keep_h else h_buf)
         spike = torch.ge(h, p.v_threshold, out=spike_seq[t])  # float 0/1: Heaviside(h - V_th)
-        v = reset(h, spike, p)  # a new tensor, so h's buffer can be reused
+        v = reset(h, spike, p, out=v if own else None)  # not into h: its buffer is reused
+        own = True
         if store_v_seq:
             v_seq[t] = v
     return spike_seq, (v_seq if store_v_seq else v), h_seq
@@ -171,6 +175,7 @@ class _MultiStep(torch.autograd.Function):
                 sg.add_(g_t, alpha=value)
             else:
                 sg.addcmul_(g_t, dv_dh, value=value)
+        del dv_dh, g  # freed before grad_v0 is made
         grad_v0 = grad_h[0] * leak if ctx.needs_input_grad[1] else None
         grad_x = grad_h.div_(p.tau) if (p.kind == "lif" and p.decay_input) else grad_h
         return grad_x, grad_v0, None, None
