@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .. import base
+from ..layer import SeqToANNContainer
 from . import compress as _compress
 from .checkpointing import GCContainer, TCGCContainer
 from .compress import BaseSpikeCompressor, BitSpikeCompressor, NullSpikeCompressor, _invalid_binary
@@ -233,13 +234,20 @@ def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
     return parts if len(parts) >= 2 else None
 
 
+def _one_by_one(part: nn.Module) -> List[nn.Module]:
+    """A SeqToANNContainer of several modules as one container per module (the same result)."""
+    if type(part) is SeqToANNContainer and len(part) > 1:
+        return [SeqToANNContainer(m) for m in part]
+    return [part]
+
+
 def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk: Optional[int]) -> nn.Module:
     """Consecutive sibling blocks as one GC segment (``n_chunk``: temporal chunks).
 
     Blocks that split spatially run as their parts: a block's own forward holds
     its input until it returns, the segment frees it once the first part is done.
     """
-    modules = [m for block in blocks for m in (_spatial_parts(block) or [block])]
+    modules = [m for block in blocks for part in (_spatial_parts(block) or [block]) for m in _one_by_one(part)]
     container = _wrap(modules[0], compressor, n_chunk)
     for i, module in enumerate(modules[1:], 1):
         container.add_module(str(i), module)

@@ -307,24 +307,25 @@ class _GCFunction(torch.autograd.Function):
         try:
             with seg.context.replay():
                 root, anchor = _recompute(seg, c, x_needs, arg_leaves, state_leaves, grads, box)
-            if root is None:
-                grads_in = [None] * (n_args + n_states + n_params)
-            elif seg.module is not None:
-                leaves = (*arg_leaves, *state_leaves)
-                inputs = [t for t in (anchor, *leaves, *params) if t is not None and t.requires_grad]
-                got = iter(torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ())
-                if anchor is not None:
-                    next(got)
-                grads_in = [next(got) if t.requires_grad else None for t in leaves] + list(got)
-                if seg.acc is not None:
-                    seg.acc.add(grads_in[n_args + n_states :], grads)
-                    del grads_in[n_args + n_states :]
-            else:
-                torch.autograd.backward(root)
-                grads_in = [t.grad for t in (*arg_leaves, *state_leaves)]
         finally:
+            # Before the nested backward: the recomputed final states are graph outputs, not needed there.
             if live is not None:
                 base.load_memories(seg.module, live)
+        if root is None:
+            grads_in = [None] * (n_args + n_states + n_params)
+        elif seg.module is not None:
+            leaves = (*arg_leaves, *state_leaves)
+            inputs = [t for t in (anchor, *leaves, *params) if t is not None and t.requires_grad]
+            got = iter(torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ())
+            if anchor is not None:
+                next(got)
+            grads_in = [next(got) if t.requires_grad else None for t in leaves] + list(got)
+            if seg.acc is not None:
+                seg.acc.add(grads_in[n_args + n_states :], grads)
+                del grads_in[n_args + n_states :]
+        else:
+            torch.autograd.backward(root)
+            grads_in = [t.grad for t in (*arg_leaves, *state_leaves)]
         grad_x = box[0] if (box and x_needs) else None
         if seg.acc is not None:  # the handle of the chunked call (see _Chunks)
             return (None, grad_x, *grads_in, seg.acc.handle_grad())
@@ -514,6 +515,24 @@ class _Chunks(torch.autograd.Function):
             out.append(torch.cat(parts, dim=0))
             del parts
         return (None, None, None, *out, *ctx.acc.take())
+
+
+class _Join(torch.autograd.Function):
+    """``torch.cat`` of the chunks' outputs along dim 0 whose backward gives each chunk its own gradient.
+
+    ``cat``'s backward hands out views of the one output gradient, which stays
+    alive until the last chunk (the first in time) is done; copies let each
+    chunk's part go as soon as that chunk's backward has run.
+    """
+
+    @staticmethod
+    def forward(ctx, *parts):
+        ctx.sizes = [p.shape[0] for p in parts]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(g.clone() for g in grad.split(ctx.sizes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +847,6 @@ class TCGCContainer(GCContainer):
         cat = []
         for i in range(self.n_outputs):
             parts = [o[i] for o in outs]
-            cat.append(parts[0] if n == 1 else torch.cat(parts, dim=0))
+            cat.append(parts[0] if n == 1 else _Join.apply(*parts))
             del parts
         return cat[0] if self.n_outputs == 1 else tuple(cat)

@@ -2,6 +2,7 @@
 import copy
 import logging
 import sys
+import weakref
 
 import pytest
 import torch
@@ -285,6 +286,56 @@ def test_temporal_segment_over_consecutive_blocks_is_exact(n_chunk):
     _assert_same(_grads(net, x), ref)
     unwrap_gc(net)
     assert list(net) == originals
+
+
+class PoolBlock(ConvBlock):
+    """MaxPool -> Conv -> BN -> LIF, split as (pool+conv+bn, neuron)."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.conv = layer.SeqToANNContainer(layer.MaxPool2d(2), *self.conv)
+
+
+def test_temporal_group_runs_parts_module_by_module_exactly_and_in_less_memory():
+    # Each block's input is freed once the module that reads it (the pool) is done,
+    # instead of when the block (or its SeqToANNContainer) returns.
+    torch.manual_seed(0)
+    net = nn.Sequential(ConvBlock(2, 8), PoolBlock(8, 8), PoolBlock(8, 8)).double()
+    x = (torch.rand(T, N, 2, 16, 16) > 0.5).double()
+    # BatchNorm per chunk: the reference is the same blocks chunked as they are.
+    chunked = TCGCContainer(NullSpikeCompressor(), *copy.deepcopy(list(net)), n_chunk=2)
+    ref = _grads(copy.deepcopy(chunked), x)
+    grouped = _wrapping._group(list(copy.deepcopy(net)), NullSpikeCompressor(), 2)
+    kinds = [type(m).__name__ for m in grouped]
+    seq = "SeqToANNContainer"
+    assert kinds == [seq, seq, "LIFNode"] + [seq, seq, seq, "LIFNode"] * 2  # (conv, bn), then (pool, conv, bn) twice
+    _assert_same(_grads(grouped, x), ref)
+    peaks = [MemoryTracker.measure(lambda: _grads(c, x)).peak_bytes for c in (chunked, grouped)]
+    assert peaks[1] < peaks[0]
+
+
+class _Probe(nn.Module):
+    """Doubles its input; records a weak reference to it, or whether the recorded one is gone."""
+
+    def __init__(self, log, action=None):
+        super().__init__()
+        self.log, self.action = log, action
+
+    def forward(self, x):
+        if self.action == "record":
+            self.log.append(weakref.ref(x.untyped_storage()))
+        elif self.action == "check":
+            self.log.append(self.log.pop()() is None)
+        return x * 2
+
+
+def test_temporal_group_frees_a_block_input_after_the_first_module_that_reads_it():
+    log = []
+    probes = layer.SeqToANNContainer(_Probe(log, "record"), _Probe(log), _Probe(log, "check"))
+    blocks = [Block(3, 3), nn.Sequential(probes, neuron.IFNode(step_mode="m"))]
+    group = _wrapping._group(blocks, BitSpikeCompressor(), 2)
+    group((torch.rand(T, N, 3) > 0.5).float()).sum().backward()
+    assert log == [True] * 4  # 2 chunks, first forward and recompute
 
 
 class ConvNoBN(nn.Sequential):
