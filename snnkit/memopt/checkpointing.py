@@ -522,7 +522,8 @@ class _Join(torch.autograd.Function):
 
     ``cat``'s backward hands out views of the one output gradient, which stays
     alive until the last chunk (the first in time) is done; copies let each
-    chunk's part go as soon as that chunk's backward has run.
+    chunk's part go as soon as that chunk's backward has run. A gradient that
+    is not contiguous (expanded from a sum) stays views: copies would make it.
     """
 
     @staticmethod
@@ -532,7 +533,8 @@ class _Join(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return tuple(g.clone() for g in grad.split(ctx.sizes))
+        parts = grad.split(ctx.sizes)
+        return tuple(g.clone() for g in parts) if grad.is_contiguous() else parts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,18 @@ def test_live_state_after_backward_is_state_after_forward():
     assert all(a.grad_fn is not None for a in after_forward)  # still in the graph for the next call
 
 
+def test_recomputed_states_are_dropped_before_the_nested_backward():
+    # The recompute's final states are only graph outputs: the modules hold the live
+    # states again while the segment's backward runs, so the recomputed ones can go.
+    lin, node = layer.Linear(5, 4, step_mode="m"), neuron.LIFNode(v_threshold=0.3, step_mode="m")
+    gc = GCContainer(BitSpikeCompressor(), lin, node)
+    out = gc(_spikes(T, N, 5).requires_grad_())
+    live, seen = node.v, []
+    lin.register_full_backward_hook(lambda m, gi, go: seen.append(node.v is live))
+    out.sum().backward()
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("pool", [layer.MaxPool2d, layer.AvgPool2d])
 @pytest.mark.parametrize("comp", COMPRESSORS, ids=lambda c: c.__name__)
 def test_segments_starting_with_a_pool_are_exact_and_decompress_once(comp, pool):
@@ -589,6 +601,19 @@ def test_tc_backward_keeps_one_full_input_gradient():
     xr = x.detach().clone().requires_grad_()
     ref(xr).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_tc_chunks_get_their_own_output_gradient_unless_it_is_expanded(dense):
+    # Own copies free each chunk's part of a full output gradient after that chunk; an
+    # expanded gradient (from a sum) is a view: copying would materialise it.
+    torch.manual_seed(0)
+    tc = TCGCContainer(None, layer.Linear(3, 5, step_mode="m"), neuron.IFNode(step_mode="m"), n_chunk=4)
+    seen = []
+    tc[1].register_full_backward_hook(lambda m, gi, go: seen.append(go[0]._base is None))
+    out = tc(torch.rand(8, 2, 3, requires_grad=True))
+    (out * torch.randn_like(out) if dense else out).sum().backward()
+    assert seen == [dense] * 4
 
 
 def test_tc_backward_sums_chunk_parameter_gradients_in_place():
