@@ -24,8 +24,9 @@ NOTE [ Invariants of a GC segment ]
        (``store_v_seq=True``) are not memories: the recompute sets them again,
        to equal values.
     3. Live state is untouched by backward: the recompute loads the saved
-       states, and afterwards every module gets back the memories it had when
-       backward started (those of the latest forward).
+       states, and right after it (before the nested backward, so that the
+       recomputed final states can be freed) every module gets back the
+       memories it had when backward started (those of the latest forward).
     4. Side effects happen once: the first forward runs inside
        :func:`snnkit._context.gc_1st_forward`, so :func:`in_gc_1st_forward` is
        True there and False in the recompute. :class:`snnkit.layer.BatchNorm1d`
@@ -88,7 +89,11 @@ Memory of temporal chunks (:class:`TCGCContainer`):
     the end (the chunk gradients, together one full size, wait until then), so
     while the chunks recompute no more is kept than before; a buffer written by
     the chunks would instead hold a full-size gradient during every chunk's
-    recompute, where the peak of multi-block segments lies.
+    recompute, where the peak of multi-block segments lies. (3) The chunks'
+    outputs are joined by a concatenation whose backward gives every chunk a
+    copy of its part of the output gradient, so each part is freed after its
+    chunk's backward rather than with the last chunk (an expanded gradient,
+    e.g. from a sum, stays views).
 
 Example:
     >>> import torch

@@ -66,17 +66,22 @@ and out of it (``grad_output`` and ``grad_input`` span all ``T`` steps): on
 the 6-block benchmark VGG (``[8, 4, 2, 48, 48]``) the first block's output
 gradient alone is 9 MiB, and single-block plans stop near 40 MiB. A
 temporal segment over two blocks removes the full-size gradient between them,
-which is what brings that net to 31 MiB (2.7x). What remains at the peak
-(measured breakdown, 6-block VGG, 2-block segments of 4 chunks):
+which is what brings that net to 28 MiB (3.0x). Inside a temporal segment the
+blocks run as their spatial parts, and a ``SeqToANNContainer`` of several
+modules as one container per module, so a block's input is freed once the
+module that reads it (a pool, a convolution) is done, not when the block
+returns. What remains at the peak (measured breakdown, 6-block VGG, 2-block
+segments of 4 chunks, in the recompute of a chunk of blocks 2-3):
 
 * the neuron states a temporal segment keeps to restart each chunk: ``n - 1``
   time steps of every neuron's membrane potential, plus the final state each
-  module holds anyway (10.8 MiB of the 31 MiB, the largest item: more chunks
+  module holds anyway (11.3 MiB of the 28 MiB, the largest item: more chunks
   lower the recompute but raise this, which is why 8 chunks lose to 4);
-* the float32 gradient flowing into the segment and the chunk gradients of
-  its input waiting to be joined (2.25 MiB and 3.4 MiB);
 * one chunk's recompute: convolution and BatchNorm outputs, ``h_seq``, the
-  max-pool indices (int64), their gradients (about 12 MiB);
+  spikes (9 MiB at block 2's neuron);
+* gradients waiting for the earlier chunks: each chunk's own copy of its
+  output gradient, the state gradients between chunks and the input
+  gradients of the chunks done (together about 4 MiB);
 * parameter gradients. A temporal segment adds its chunks' parameter
   gradients in place into one sum and returns it once, but the gradients of
   all weights are alive by the end of backward. On the 8-block VGG
