@@ -128,6 +128,11 @@ def _leak(p: NeuronParams) -> float:
     return 1.0 if p.kind == "if" else 1.0 - 1.0 / p.tau
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (always assumed while torch.compile traces)."""
+    return torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
+
+
 class _MultiStep(torch.autograd.Function):
     # Full-size temporaries are few and updated in place: on CPU a fresh
     # [T, N, *] allocation costs more than the arithmetic on it.
@@ -144,11 +149,12 @@ class _MultiStep(torch.autograd.Function):
         #   grad_h[t] = grad_s[t] sg[t] + dV[t]/dH[t] g[t]
         #   g[t-1]    = leak grad_h[t] (+ grad of v_seq[t-1] when stored)
         # grad_h[t] overwrites H[t], which no later step reads; H is copied first
-        # only when autograd keeps the graph for another backward (retain_graph).
+        # when autograd keeps the graph for another backward (retain_graph), and
+        # under torch.compile, which traces this function (and plans memory itself).
         (h_seq,) = ctx.saved_tensors
         p = ctx.p
         leak = _leak(p)
-        grad_h = h_seq.clone() if torch._C._autograd._get_current_graph_task_keep_graph() else h_seq
+        grad_h = h_seq.clone() if _graph_kept() else h_seq
         dv_dh = None if (p.detach_reset and not p.hard_reset) else torch.empty_like(h_seq[0])
         g = torch.empty_like(h_seq[0]) if ctx.store_v_seq else None
         for t in range(h_seq.shape[0] - 1, -1, -1):
