@@ -527,8 +527,10 @@ class _Join(torch.autograd.Function):
 
     ``cat``'s backward hands out views of the one output gradient, which stays
     alive until the last chunk (the first in time) is done; copies let each
-    chunk's part go as soon as that chunk's backward has run. A gradient that
-    is not contiguous (expanded from a sum) stays views: copies would make it.
+    chunk's part go as soon as that chunk's backward has run (the copies and the
+    gradient exist together only while this node runs, when no chunk is being
+    recomputed). A gradient that is not contiguous (expanded from a sum) stays
+    views: copies would make it.
     """
 
     @staticmethod
