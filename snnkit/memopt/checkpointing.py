@@ -764,9 +764,10 @@ class TCGCContainer(GCContainer):
     Splits the first ``n_seq_inputs`` inputs along dim 0 (time) into
     ``min(n_chunk, T)`` chunks, runs each chunk as a GC segment with the state
     passed from chunk to chunk, and concatenates the ``n_outputs`` outputs along
-    dim 0. Only one chunk's graph exists at a time in backward; the input
-    gradient is assembled once at the end, and the chunks' parameter gradients
-    are summed in place and leave the call once (see the module docstring).
+    dim 0. Only one chunk's graph exists at a time in backward; each chunk gets
+    its own copy of its part of the output gradient (freed after that chunk),
+    the input gradient is assembled once at the end, and the chunks' parameter
+    gradients are summed in place and leave the call once (see the module docstring).
 
     Args:
         x_compressor: Spike compressor (``None``: :class:`NullSpikeCompressor`).
