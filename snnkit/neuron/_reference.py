@@ -128,9 +128,15 @@ def _leak(p: NeuronParams) -> float:
     return 1.0 if p.kind == "if" else 1.0 - 1.0 / p.tau
 
 
+_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+_is_compiling = getattr(torch.compiler, "is_compiling", None)
+
+
 def _graph_kept() -> bool:
-    """Whether the running backward keeps the graph (always assumed while torch.compile traces)."""
-    return torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
+    """Whether the running backward keeps the graph (assumed under torch.compile, or where torch cannot tell)."""
+    if _keeps_graph is None or _is_compiling is None:
+        return True
+    return _is_compiling() or _keeps_graph()
 
 
 class _MultiStep(torch.autograd.Function):
