@@ -184,11 +184,12 @@ def _choose_compressor(block: nn.Module, compress, binary: Optional[bool]) -> Ba
     return NullSpikeCompressor()
 
 
-def _wrap(block: nn.Module, compressor: BaseSpikeCompressor, n_chunk: Optional[int] = None) -> nn.Module:
+def _wrap(block: nn.Module, compressor: BaseSpikeCompressor, n_chunk: Optional[int] = None, more=()) -> nn.Module:
+    """``block`` (then the modules in ``more``) as one GC segment (``n_chunk``: temporal chunks)."""
     if n_chunk is None:
-        container = GCContainer(compressor, block)
+        container = GCContainer(compressor, block, *more)
     else:
-        container = TCGCContainer(compressor, block, n_chunk=n_chunk)
+        container = TCGCContainer(compressor, block, *more, n_chunk=n_chunk)
     setattr(container, _MARK, True)
     container.train(block.training)
     return container
@@ -248,9 +249,7 @@ def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk
     its input until it returns, the segment frees it once the first part is done.
     """
     modules = [m for block in blocks for part in (_spatial_parts(block) or [block]) for m in _one_by_one(part)]
-    container = _wrap(modules[0], compressor, n_chunk)
-    for i, module in enumerate(modules[1:], 1):
-        container.add_module(str(i), module)
+    container = _wrap(modules[0], compressor, n_chunk, modules[1:])
     container.__dict__["_block"] = blocks[0]  # the original first block, kept out of the module tree
     return container
 

@@ -314,6 +314,12 @@ def test_temporal_group_runs_parts_module_by_module_exactly_and_in_less_memory()
     assert peaks[1] < peaks[0]
 
 
+def test_temporal_group_warns_about_a_torch_batchnorm_in_any_of_its_blocks():
+    torch_bn = nn.Sequential(layer.SeqToANNContainer(nn.BatchNorm1d(3)), neuron.IFNode(step_mode="m"))
+    with pytest.warns(UserWarning, match="BatchNorm1d .* twice"):
+        _wrapping._group([Block(3, 3), torch_bn], BitSpikeCompressor(), 2)
+
+
 class _Probe(nn.Module):
     """Doubles its input; records a weak reference to it, or whether the recorded one is gone."""
 
