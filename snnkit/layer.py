@@ -79,12 +79,13 @@ class _StepLayer(StepModule):
         return f"{super().extra_repr()}, step_mode={self.step_mode!r}"
 
 
-def _step_layer(torch_cls, m_dims, doc):
+def _step_layer(torch_cls, m_dims, doc, name=None):
     def __init__(self, *args, step_mode: str = "s", **kwargs):
         torch_cls.__init__(self, *args, **kwargs)
         self.step_mode = step_mode
 
-    cls = type(torch_cls.__name__, (_StepLayer, torch_cls), {"__init__": __init__, "_m_dims": m_dims, "__doc__": doc})
+    attrs = {"__init__": __init__, "_m_dims": m_dims, "__doc__": doc}
+    cls = type(name or torch_cls.__name__, (_StepLayer, torch_cls), attrs)
     cls.__module__ = __name__
     return cls
 
@@ -125,7 +126,9 @@ class _LeanAvgPool2d(nn.AvgPool2d):
         return _pool.AvgPoolSavingShape.apply(x, k, self.divisor_override)
 
 
-class MaxPool2d(_StepLayer, _LeanMaxPool2d):
+MaxPool2d = _step_layer(
+    _LeanMaxPool2d,
+    (5,),
     """:class:`torch.nn.MaxPool2d` with ``step_mode`` (``"m"``: input ``[T, N, C, H, W]``).
 
     Where the windows do not overlap (``stride == kernel_size``, no padding or
@@ -145,16 +148,14 @@ class MaxPool2d(_StepLayer, _LeanMaxPool2d):
         >>> with torch.no_grad():
         ...     pool(x).flatten()
         tensor([ 5.,  7., 13., 15.])
-    """
-
-    _m_dims = (5,)
-
-    def __init__(self, *args, step_mode: str = "s", **kwargs):
-        nn.MaxPool2d.__init__(self, *args, **kwargs)
-        self.step_mode = step_mode
+    """,
+    "MaxPool2d",
+)
 
 
-class AvgPool2d(_StepLayer, _LeanAvgPool2d):
+AvgPool2d = _step_layer(
+    _LeanAvgPool2d,
+    (5,),
     """:class:`torch.nn.AvgPool2d` with ``step_mode`` (``"m"``: input ``[T, N, C, H, W]``).
 
     Where a gradient is needed and the windows do not overlap (``stride ==
@@ -174,13 +175,9 @@ class AvgPool2d(_StepLayer, _LeanAvgPool2d):
         >>> y.sum().backward()
         >>> x.grad.flatten()[:4]
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
-    """
-
-    _m_dims = (5,)
-
-    def __init__(self, *args, step_mode: str = "s", **kwargs):
-        nn.AvgPool2d.__init__(self, *args, **kwargs)
-        self.step_mode = step_mode
+    """,
+    "AvgPool2d",
+)
 
 
 class _GCAwareBatchNorm(_StepLayer):
