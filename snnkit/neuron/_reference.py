@@ -165,17 +165,19 @@ class _MultiStep(torch.autograd.Function):
         g = torch.empty_like(h_seq[0]) if ctx.store_v_seq else None
         for t in range(h_seq.shape[0] - 1, -1, -1):
             h = grad_h[t]  # H[t] until sg is written into it
-            if p.hard_reset:  # (1 - S) [+ (V_reset - H) sg]
+            if p.hard_reset:  # dV/dH = (1 - S) [+ (V_reset - H) sg]
                 torch.lt(h, p.v_threshold, out=dv_dh)
-            if p.hard_reset and not p.detach_reset:
-                sg_t = p.surrogate.derivative(h - p.v_threshold, inplace=True)
-                dv_dh.addcmul_(h, sg_t, value=-1.0)
-                if p.v_reset != 0.0:
-                    dv_dh.add_(sg_t, alpha=p.v_reset)
-                sg = h.copy_(sg_t)
+                if p.detach_reset:
+                    sg = p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
+                else:  # needs H and sg at once
+                    sg_t = p.surrogate.derivative(h - p.v_threshold, inplace=True)
+                    dv_dh.addcmul_(h, sg_t, value=-1.0)
+                    if p.v_reset != 0.0:
+                        dv_dh.add_(sg_t, alpha=p.v_reset)
+                    sg = h.copy_(sg_t)
             else:
                 sg = p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
-                if dv_dh is not None and not p.hard_reset:  # soft reset: 1 - V_th sg
+                if dv_dh is not None:  # dV/dH = 1 - V_th sg
                     torch.mul(sg, -p.v_threshold, out=dv_dh).add_(1.0)
             sg.mul_(grad_spike_seq[t])
             if ctx.store_v_seq:
