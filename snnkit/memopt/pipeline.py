@@ -521,7 +521,6 @@ def memory_optimization(
                     for b in chain[start:end]:
                         b.group = (chain[start].path, kind)
                         b.config = "plain" if kind == "plain" else b.config
-    recompute = sum(b.t_fwd for b in blocks if b.config != "plain")
     calibration = 0  # what the block model misses (modules between blocks, the head, the loss)
     slice_step = 3.0 * plain_step / scale  # a tracked one-sample step of the plan, recompute included
     if not (chains and choice) and time.perf_counter() - t_start + slice_step <= budget * plain_step:
@@ -534,8 +533,10 @@ def memory_optimization(
     before = _model_peak(blocks, cost=lambda b: b.costs["plain"])[0] + calibration + (measured - estimate)
     bar.step("done")
     bar.close()
+    rows = [_row(b) for b in blocks]
+    recompute = sum(r["recompute_s"] for r in rows)  # a block in a temporal segment is recomputed, whatever its config
     summary = MemOptSummary(
-        rows=[_row(b) for b in blocks],
+        rows=rows,
         peak_before=max(before, 0),
         peak_after=measured,
         peak_after_estimate=estimate,

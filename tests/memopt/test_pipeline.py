@@ -370,6 +370,9 @@ def test_planner_makes_temporal_segments_and_reports_them(conv_type):
     # the one-sample estimate, scaled to the batch, is close to the measured peak
     assert abs(s.peak_after_estimate - s.peak_after) <= 0.1 * s.peak_after
     assert s.peak_after < s.peak_before
+    # the estimated slowdown counts the forward of every recomputed block the table lists
+    recompute = sum(r["recompute_s"] for r in s.rows)
+    assert recompute > 0 and s.est_slowdown == pytest.approx(1 + recompute / s.plain_step_s)
     _assert_same(_grads(net, x), ref)
     unwrap_gc(net)
     assert list(net)[:4] == blocks
