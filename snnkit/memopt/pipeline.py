@@ -273,8 +273,9 @@ class MemOptSummary:
         est_slowdown: Estimated step time of the plan over a plain step: one
             plain step plus the forwards the plan recomputes. A lower bound:
             it leaves out the cost of splitting work into temporal chunks and
-            of compression (measured: 1.27-1.69x on CPU for plans estimated at
-            1.13-1.24x), and on a GPU the host time of small batches.
+            of compression (on the CPU benchmark nets: estimated 1.26, 1.29 and
+            1.36x, measured 1.32, 1.37 and 1.60x), and on a GPU the host time of
+            small batches.
         plain_step_s: Time of a plain step as measured under the memory tracker
             (which slows every op; compare it only with ``recompute_s``).
         planning_s: Wall time of planning.
