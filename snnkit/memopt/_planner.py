@@ -22,6 +22,7 @@ from ._wrapping import (
     _nbytes,
     _run,
     _Site,
+    _runs_in_sequence,
     _spatial_parts,
     _SpatialSplit,
     _StateGuard,
@@ -54,6 +55,7 @@ class _Block:
         self.site, self.block, self.path = site, site.block, site.path
         self.calls = 0
         self.x: Optional[torch.Tensor] = None
+        self.rest: tuple = ()  # the block's other arguments (its last call's)
         self.state: List[Any] = []
         self.binary = False
         self.in_bytes = self.out_bytes = self.state_bytes = 0
@@ -91,6 +93,7 @@ class _Block:
             and not _single_step_modules(self.block)  # single-step layers inside SeqToANNContainer are fine
             and self.x is not None
             and self.x.dim() >= 2
+            and not any(isinstance(a, torch.Tensor) for a in self.rest)  # only the first input is chunked
         )
 
 
@@ -154,7 +157,11 @@ class _Progress:
 
 def _loss(out, loss_fn) -> torch.Tensor:
     if loss_fn is not None:
-        return loss_fn(out)
+        try:
+            return loss_fn(out)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            shapes = ", ".join(str(list(t.shape)) for t in _tensors(out))
+            raise ValueError(f"snnkit.memopt: loss_fn failed on the net's output of shape {shapes} ({e})") from e
     outs = [t for t in _tensors(out) if t.requires_grad]
     if not outs:
         raise ValueError("snnkit.memopt: the net's output does not require grad, so there is no backward to plan for")
@@ -194,27 +201,36 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
         b.calls += 1
         xs = _tensors(args)
         b.x = xs[0].detach() if xs else None
+        b.rest = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
         # binary only if every call's input is (as apply_gc's probe decides)
-        b.binary, b.in_bytes = (b.calls == 1 or b.binary) and _is_binary(b.x), _nbytes(b.x)
+        b.binary = (b.calls == 1 or b.binary) and _is_binary(b.x)
+        b.in_bytes += _nbytes(b.x)  # sizes and times add up over the calls of a block called several times
         # cut the state too, as the output is cut: a block called again must not reach back
         # into its previous call's graph when the cuts run backward one by one
         b.state = [m.detach() if isinstance(m, torch.Tensor) else m for m in base.extract_memories(b.block)]
         base.load_memories(b.block, b.state)
-        b.state_bytes = _nbytes(b.state)
+        b.state_bytes += _nbytes(b.state)
+        # Each tensor input a leaf of its own: the block's backward stops there, and its gradient
+        # goes on to the cuts before it from here (not through what the loss's backward freed).
+        b.pairs = [(a, a.detach().requires_grad_()) if isinstance(a, torch.Tensor) and a.requires_grad else (a, a)
+                   for a in args]
         tracker = MemoryTracker()
         tracker.__enter__()
         open_trackers.append((tracker, time.perf_counter()))
+        return tuple(leaf for _, leaf in b.pairs)
 
     def post(container, args, out):
         b = by_id[id(container)]
         tracker, t0 = open_trackers.pop()
         tracker.__exit__(None, None, None)
-        b.t_fwd, b.fwd_gc = time.perf_counter() - t0, tracker.peak_bytes
-        b.out_bytes = _nbytes(out)
+        b.t_fwd += time.perf_counter() - t0
+        b.fwd_gc, b.out_bytes = max(b.fwd_gc, tracker.peak_bytes), max(b.out_bytes, _nbytes(out))
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return None
         leaf = out.detach().requires_grad_()
-        cuts.append((b, out, leaf))
+        x = b.x.untyped_storage().data_ptr() if b.x is not None else None
+        cuts.append((b, out, leaf, [(a, t) for a, t in b.pairs if t is not a], (x, _nbytes(b.x))))
+        b.pairs = []
         return leaf
 
     for b in blocks:
@@ -233,18 +249,35 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
     loss.backward()
     del loss
     while cuts:
-        b, out, leaf = cuts.pop()
+        b, out, leaf, pairs, (x_ptr, x_bytes) = cuts.pop()
         grad, leaf.grad = leaf.grad, None
         if grad is None:
             continue
         with _SavedBytes(params) as saved, MemoryTracker() as tracker:
             torch.autograd.backward(out, grad)
-        b.bwd_gc = tracker.peak_bytes
-        x_ptr = b.x.untyped_storage().data_ptr() if b.x is not None else None
-        b.plain_saved = sum(saved.storages.values())
-        b.plain_new = b.plain_saved - (b.in_bytes if x_ptr in saved.storages else 0)
+        b.bwd_gc = max(b.bwd_gc, tracker.peak_bytes)
+        new = sum(saved.storages.values())
+        b.plain_saved += new
+        b.plain_new += new - (x_bytes if x_ptr in saved.storages else 0)
         del out, leaf, grad
+        _pass_on(pairs, [c[2] for c in cuts])
     return time.perf_counter() - t_start
+
+
+def _pass_on(pairs, upstream: List[torch.Tensor]) -> None:
+    """Hand the gradients of a block's input leaves on to the cut outputs before it (``upstream``)."""
+    ids = {id(t) for t in upstream}
+    for orig, leaf in pairs:
+        g, leaf.grad = leaf.grad, None
+        if g is None:
+            continue
+        if id(orig) in ids:  # straight from the block before
+            orig.grad = g if orig.grad is None else orig.grad + g
+        elif orig.grad_fn is not None and upstream:
+            try:  # through modules between the blocks (a pool, a residual add)
+                torch.autograd.backward(orig, g, inputs=upstream)
+            except RuntimeError:  # their graph went with the loss's backward: that branch is not measured
+                _log.debug("memory_optimization: a block input's gradient does not reach the blocks before it")
 
 
 def _measure_candidate(b: _Block, module: nn.Module) -> _Cost:
@@ -252,7 +285,7 @@ def _measure_candidate(b: _Block, module: nn.Module) -> _Cost:
     base.load_memories(b.block, b.state)
     x = b.x.detach().requires_grad_(b.x.is_floating_point())
     with MemoryTracker() as tracker:
-        out = module(x)
+        out = module(x, *b.rest)
     fwd, retained = tracker.peak_bytes, tracker.retained_bytes - _nbytes(out)
     with MemoryTracker() as tracker:
         out.backward(torch.ones_like(out))
@@ -271,10 +304,10 @@ def _compressed_bytes(comp: BaseSpikeCompressor, x: torch.Tensor) -> int:
 
 
 def _gc_and_plain_costs(b: _Block, comp: BaseSpikeCompressor) -> None:
-    packed = b.scaled(_compressed_bytes(comp, b.x))
+    packed = b.scaled(_compressed_bytes(comp, b.x))  # of one call (the last; calls are alike)
     null = isinstance(comp, NullSpikeCompressor)
-    kept = (b.in_bytes if null else packed) + b.state_bytes
-    b.costs["gc"] = _Cost(kept, b.fwd_gc + packed, b.bwd_gc + (0 if null else b.in_bytes))
+    kept = (b.in_bytes if null else packed * b.calls) + b.state_bytes
+    b.costs["gc"] = _Cost(kept, b.fwd_gc + packed, b.bwd_gc + (0 if null else b.in_bytes // max(b.calls, 1)))
     b.costs["plain"] = _Cost(b.plain_saved + b.state_bytes, b.fwd_gc + b.plain_new, max(0, b.bwd_gc - b.plain_new))
     b.compressors["gc"] = type(comp).__name__
     b.compressors["plain"] = "-"
@@ -282,7 +315,7 @@ def _gc_and_plain_costs(b: _Block, comp: BaseSpikeCompressor) -> None:
 
 def _spatial_candidate(b: _Block, compress, comp: BaseSpikeCompressor) -> Optional[nn.Module]:
     parts = _spatial_parts(b.block)
-    if parts is None:
+    if parts is None or b.rest:  # parts take one input each
         return None
     base.load_memories(b.block, b.state)
     binary, h = [], b.x
@@ -300,7 +333,11 @@ def _measure(b: _Block, key, module: Optional[nn.Module]) -> Optional[int]:
     """Measure candidate ``key`` of ``b`` (``module``, or None: there is none); its own estimated peak."""
     if module is None:
         return None
-    b.costs[key], b.modules[key] = _measure_candidate(b, module), module
+    try:
+        b.costs[key], b.modules[key] = _measure_candidate(b, module), module
+    except (RuntimeError, ValueError) as e:  # e.g. BatchNorm given one value per channel by a chunk of the slice
+        _log.debug("memory_optimization: %s as %s does not run on the sample (%s)", b.path, key, e)
+        return None
     own = _own_peak(b, key)
     _log.debug("memory_optimization: %s as %s -> own peak %d", b.path, key, own)
     return own
@@ -351,7 +388,7 @@ def _plan(blocks: List[_Block], level: int, compress, temporal: bool, progress: 
                 while n <= b.x.shape[0]:
                     b.compressors[("temporal", n)] = type(comp).__name__
                     now = _measure(b, ("temporal", n), _wrap(b.block, copy.deepcopy(comp), n_chunk=n))
-                    if now >= own:
+                    if now is None or now >= own:
                         break
                     n, own = n * 2, now
             _descend(blocks)
@@ -377,7 +414,7 @@ def _chains(blocks: List[_Block]) -> List[List[_Block]]:
     """Runs of blocks that are consecutive children of one ``nn.Sequential`` (each run once, multi-step)."""
     chains: List[List[_Block]] = []
     for b in blocks:
-        ok = b.calls == 1 and isinstance(b.site.parent, nn.Sequential) and b.multistep()
+        ok = b.calls == 1 and _runs_in_sequence(b.site.parent) and b.multistep()
         b.steps = b.x.shape[0] if ok else 0
         prev = chains[-1][-1] if chains else None
         if ok and prev is not None and prev.site.parent is b.site.parent:
@@ -478,7 +515,11 @@ def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scal
         if key not in tried:
             for chain in chains:
                 _put_groups(chain, _family(chain, size, min(n, chain[0].steps), tail), compress)
-            tried[key] = _sample_peak(net, inputs, loss_fn, scale)
+            try:
+                tried[key] = _sample_peak(net, inputs, loss_fn, scale)
+            except (RuntimeError, ValueError) as e:  # e.g. BatchNorm given one value per channel by a chunk of the slice
+                _log.debug("memory_optimization: %s does not run on the sample (%s)", key, e)
+                tried[key] = sys.maxsize
             _log.debug("memory_optimization: %d-block temporal segments of %d chunks, last %d plain -> %d",
                        size, n, tail, tried[key])
         return tried[key]

@@ -93,11 +93,20 @@ class _Site:
         return self.parent._modules[self.name]
 
 
+def _children(parent: nn.Module):
+    """``(name, child)`` of every child slot, a module shared by two slots at both (``named_children`` skips repeats)."""
+    return [(name, child) for name, child in parent._modules.items() if child is not None]
+
+
 def _find_blocks(net: nn.Module, types: Tuple[type, ...]) -> List[_Site]:
     sites: List[_Site] = []
+    seen = set()  # (parent, name): a shared parent is walked once
 
     def walk(parent, prefix):
-        for name, child in parent.named_children():
+        for name, child in _children(parent):
+            if (id(parent), name) in seen:
+                continue
+            seen.add((id(parent), name))
             path = f"{prefix}{name}"
             if isinstance(child, GCContainer) or _is_ours(child):
                 continue  # already a GC segment: never wrap twice, never look inside
@@ -123,10 +132,19 @@ class _StateGuard:
         self.grads = [(p, p.grad) for p in net.parameters()]
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        for m in net.modules():  # measure from a fresh state, as a training step starts
+        self.fresh()
+        return self
+
+    def fresh(self) -> None:
+        """Buffers as on entry, no gradients (a step would add into them in place), fresh memories."""
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        for p in self.net.parameters():
+            p.grad = None
+        for m in self.net.modules():  # measure from a fresh state, as a training step starts
             if isinstance(m, base.MemoryModule):
                 m.reset()
-        return self
 
     def __exit__(self, *exc):
         with torch.no_grad():
@@ -191,7 +209,7 @@ def _wrap(block: nn.Module, compressor: BaseSpikeCompressor, n_chunk: Optional[i
     else:
         container = TCGCContainer(compressor, block, *more, n_chunk=n_chunk)
     setattr(container, _MARK, True)
-    container.train(block.training)
+    container.training = block.training  # not .train(): that would reset the modes inside the block
     return container
 
 
@@ -202,7 +220,7 @@ class _SpatialSplit(nn.Sequential):
         super().__init__(*segments)
         self.__dict__["_block"] = block  # the original block, kept out of the module tree
         setattr(self, _MARK, True)
-        self.train(block.training)
+        self.training = block.training
 
 
 class _Merged(nn.Module):
@@ -212,13 +230,18 @@ class _Merged(nn.Module):
         super().__init__()
         self.__dict__["_block"] = block  # kept out of the module tree: its parameters live in the segment
         setattr(self, _MARK, True)
-        self.train(block.training)
+        self.training = block.training
 
     def forward(self, x):
         return x
 
     def extra_repr(self) -> str:
         return f"runs inside the temporal segment before it ({type(self.__dict__['_block']).__name__})"
+
+
+def _runs_in_sequence(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Sequential`` that runs its children one after another (its forward not overridden)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
@@ -228,7 +251,7 @@ def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
         parts = list(split())
         if not all(isinstance(p, nn.Module) for p in parts):
             raise TypeError(f"snnkit.memopt: {type(block).__name__}.__spatial_split__() must return nn.Modules")
-    elif isinstance(block, nn.Sequential):
+    elif _runs_in_sequence(block):
         parts = list(block)
     else:
         return None
@@ -258,5 +281,5 @@ def _original(container: nn.Module) -> nn.Module:
     block = container.__dict__.get("_block")
     if block is None:
         block = container[0]
-    block.train(container.training)
+    block.training = container.training  # its submodules followed the container's train()/eval() calls
     return block

@@ -125,6 +125,7 @@ from ._wrapping import (
     _as_inputs,
     _check_block_types,
     _check_compress,
+    _children,
     _choose_compressor,
     _find_blocks,
     _is_ours,
@@ -237,7 +238,7 @@ def unwrap_gc(net: nn.Module) -> nn.Module:
     """
 
     def walk(parent):
-        for name, child in list(parent.named_children()):
+        for name, child in _children(parent):
             if _is_ours(child):
                 setattr(parent, name, _original(child))
             else:
@@ -330,8 +331,10 @@ class MemOptSummary:
 
     @property
     def ratio(self) -> float:
-        """``peak_before / peak_after``."""
-        return self.peak_before / max(self.peak_after, 1)
+        """``peak_before / peak_after`` (1.0 when nothing was measured: level 0 or no block)."""
+        if self.peak_before <= 0 or self.peak_after <= 0:
+            return 1.0
+        return self.peak_before / self.peak_after
 
     def __str__(self) -> str:
         mib = 2.0**20
@@ -464,13 +467,15 @@ def memory_optimization(
     if not sites:
         summary = MemOptSummary([], 0, 0, 0, 1.0, 0.0, time.perf_counter() - t_start, level, False)
         return (net, summary) if return_summary else net
-    inputs = _as_inputs(dummy_input)
+    # detached: planning must not reach into a graph the inputs come from, nor fill their .grad
+    inputs = tuple(t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                   for t in _as_inputs(dummy_input))
     bar = _Progress(progress, 2 + (level >= 2) + (level >= 3 and temporal) + (level >= 4) + verify)
     blocks = [_Block(s) for s in sites]
     for b in blocks:
         b.site.put(_wrap(b.block, NullSpikeCompressor()))
     try:
-        with _StateGuard(net):
+        with _StateGuard(net) as guard:
             bar.step("measure one cut step of the layer-wise GC net")
             sliced, scale = _batch_slice(net, inputs, batch_dim)
             try:
@@ -479,6 +484,7 @@ def memory_optimization(
                 if scale == 1.0:
                     raise
                 _log.debug("memory_optimization: the net does not run on a slice of the batch; measuring it whole")
+                guard.fresh()
                 blocks = [_Block(b.site) for b in blocks]
                 step_s, scale = _cut_step(net, blocks, inputs, loss_fn), 1.0
                 sliced = inputs
@@ -491,7 +497,8 @@ def memory_optimization(
                     b.compressors = {"gc": "NullSpikeCompressor", "plain": "-"}
                 else:
                     _gc_and_plain_costs(b, _choose_compressor(b.block, compress, b.binary))
-            if any(b.calls > 1 for b in blocks) and level > 1:
+            shared = len({id(b.block) for b in blocks}) < len(blocks)  # one block at several sites
+            if (shared or any(b.calls > 1 for b in blocks)) and level > 1:
                 _log.info("memory_optimization: a block runs more than once per step; planning stops at level 1")
                 level = 1
             chains = _chains(blocks) if level >= 3 and temporal else []

@@ -549,3 +549,187 @@ def test_planner_compresses_a_block_called_twice_only_if_every_input_is_binary()
     planned = memory_optimization(net.double(), Block, x.double())
     assert isinstance(planned.block.x_compressor, NullSpikeCompressor)
     _assert_same(_grads(planned, x), ref)
+
+
+# ----------------------------------------------------------------------------- nets the planner must not get wrong
+
+
+class _ResSeq(nn.Sequential):
+    """A Sequential whose own forward adds a residual: its children are not the whole story."""
+
+    def __init__(self, d):
+        super().__init__(layer.Linear(d, d, step_mode="m"), neuron.IFNode(step_mode="m", v_threshold=0.5))
+
+    def forward(self, x):
+        return super().forward(x) + x
+
+
+class _SumStage(nn.Sequential):
+    """A Sequential whose forward sums every child's output (the children are not a chain)."""
+
+    def forward(self, x):
+        out = 0
+        for m in self:
+            x = m(x)
+            out = out + x
+        return out
+
+
+def test_a_sequential_with_its_own_forward_is_neither_split_nor_chained():
+    assert _wrapping._spatial_parts(_ResSeq(4)) is None
+    x = (torch.rand(8, N, 6) > 0.5).double()
+    for net, types in [
+        (nn.Sequential(*[_ResSeq(6) for _ in range(4)], layer.Linear(6, 2, step_mode="m")), _ResSeq),
+        (nn.Sequential(_SumStage(*[Block(6, 6) for _ in range(4)]), layer.Linear(6, 2, step_mode="m")), Block),
+    ]:
+        ref = _grads(copy.deepcopy(net), x)
+        planned, s = memory_optimization(net.double(), types, x, return_summary=True, budget=1e9)
+        assert all(r["segment"] == r["path"] for r in s.rows)  # no temporal segment over siblings
+        _assert_same(_grads(planned, x), ref)
+
+
+def test_planning_leaves_gradients_and_the_input_alone():
+    net = nn.Sequential(Block(6, 8), Block(8, 8), layer.Linear(8, 3, step_mode="m"))
+    net(torch.rand(T, N, 6)).sum().backward()  # gradients the caller has accumulated
+    before = [p.grad.clone() for p in net.parameters()]
+    x = (torch.rand(T, N, 6) > 0.5).float().requires_grad_()
+    memory_optimization(net, Block, x)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
+    assert x.grad is None
+
+
+def test_wrapping_keeps_the_train_or_eval_mode_of_every_submodule():
+    def bn_modes(net):
+        return [m.training for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
+
+    for wrap in (lambda n: apply_gc(n, Block, compress=None),
+                 lambda n: memory_optimization(n, Block, torch.rand(T, N, 4), temporal=False)):
+        net = nn.Sequential(Block(4, 6, bn=True), Block(6, 6, bn=True))
+        net[1][1].eval()  # a frozen BatchNorm inside a block that trains
+        wrap(net)
+        assert bn_modes(net) == [True, False]
+        unwrap_gc(net)
+        assert bn_modes(net) == [True, False] and net[1].training
+
+
+def test_a_block_at_two_sites_is_wrapped_at_both_and_planned_layer_wise(caplog):
+    shared = Block(6, 6)
+    net = nn.Sequential(shared, shared, layer.Linear(6, 2, step_mode="m"))
+    apply_gc(net, Block, compress=None)
+    assert isinstance(net[0], GCContainer) and net[1] is net[0]
+    unwrap_gc(net)
+    assert net[0] is shared and net[1] is shared
+    x = (torch.rand(T, N, 6) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    with caplog.at_level(logging.INFO, logger="snnkit.memopt.pipeline"):
+        planned, s = memory_optimization(net.double(), Block, x, return_summary=True)
+    assert "more than once" in caplog.text and s.level == 1
+    _assert_same(_grads(planned, x), ref)
+
+
+class _Stem(nn.Module):
+    """Blocks fed from a layer that is not a block, inside residual adds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(layer.Linear(6, 8, step_mode="m"), neuron.IFNode(step_mode="m"))
+        self.res = nn.ModuleList([Residual(8), Residual(8)])
+        self.head = layer.Linear(8, 2, step_mode="m")
+
+    def forward(self, x):
+        x = self.stem(x)
+        for r in self.res:
+            x = r(x)
+        return self.head(x)
+
+
+class _Fuse(nn.Module):
+    """A block of two inputs: sn(fc(x) + skip)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.sn = layer.Linear(d, d, step_mode="m"), neuron.IFNode(step_mode="m", v_threshold=0.5)
+
+    def forward(self, x, skip):
+        return self.sn(self.fc(x) + skip)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.fuse, self.head = Block(6, 8), _Fuse(8), layer.Linear(8, 2, step_mode="m")
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.fuse(h, h))
+
+
+@pytest.mark.parametrize("make, types", [(_Stem, Block), (_TwoInputs, (Block, _Fuse))])
+def test_planner_on_blocks_fed_from_outside_the_blocks_and_with_two_inputs(make, types):
+    torch.manual_seed(0)
+    net = make()
+    x = (torch.rand(T, N, 6) > 0.5).double()
+    ref = _grads(copy.deepcopy(net), x)
+    for level in (1, 4):
+        planned = memory_optimization(copy.deepcopy(net).double(), types, x, level=level)
+        _assert_same(_grads(planned, x), ref)
+
+
+def test_planner_skips_candidates_that_do_not_run_on_one_sample():
+    # BatchNorm1d over chunks of one time step of one sample has one value per channel
+    torch.manual_seed(0)
+    net = nn.Sequential(Block(6, 16, bn=True), Block(16, 16, bn=True), layer.Linear(16, 3, step_mode="m"))
+    x = (torch.rand(4, 8, 6) > 0.5).float()
+    planned, s = memory_optimization(net, Block, x, return_summary=True)
+    planned(x).sum().backward()
+    assert s.peak_after > 0
+
+
+def test_planner_measures_the_whole_batch_when_a_slice_does_not_run():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (8,))
+    net = nn.Sequential(Block(6, 16), Block(16, 16), layer.Linear(16, 3, step_mode="m"))
+    x = (torch.rand(T, 8, 6) > 0.5).float()
+    loss = lambda out: nn.functional.cross_entropy(out.mean(0), labels)  # noqa: E731 (labels of the whole batch)
+    _, s = memory_optimization(net, Block, x, loss_fn=loss, return_summary=True)
+    assert s.peak_after > 0
+    # a single-step BatchNorm1d cannot train on one sample; a neuron before the blocks keeps a state of it
+    single = nn.Sequential(nn.Linear(6, 16), neuron.IFNode(), Block(16, 16, bn=True), nn.Linear(16, 3))
+    for m in single.modules():
+        if isinstance(m, base.StepModule):
+            m.step_mode = "s"
+    _, s = memory_optimization(single, Block, torch.rand(8, 6), return_summary=True)
+    assert s.peak_after > 0
+    with pytest.raises(ValueError, match="loss_fn failed"):
+        memory_optimization(net, Block, x, loss_fn=lambda out: out.mean(0)[torch.arange(9), 0].sum())
+
+
+def test_cut_step_adds_up_the_calls_of_a_block_called_several_times():
+    def cut(k):
+        net = _Many(k)
+        blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, Block)]
+        for b in blocks:
+            b.site.put(_wrapping._wrap(b.block, NullSpikeCompressor()))
+        with _wrapping._StateGuard(net):
+            _planner._cut_step(net, blocks, ((torch.rand(T, N, 6) > 0.5).float(),), None)
+        return blocks[0]
+
+    one, three = cut(1), cut(3)
+    assert three.calls == 3 and three.in_bytes == 3 * one.in_bytes
+    assert three.plain_saved == 3 * one.plain_saved
+
+
+class _Many(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.block, self.head = k, Block(6, 6), layer.Linear(6, 2, step_mode="m")
+
+    def forward(self, x):
+        for _ in range(self.k):
+            x = self.block(x)
+        return self.head(x)
+
+
+def test_summary_ratio_of_an_empty_plan_is_one():
+    _, s = memory_optimization(nn.Sequential(Block(4, 4)), Block, torch.rand(T, N, 4), level=0, return_summary=True)
+    assert s.ratio == 1.0 and "0.00x" not in str(s)
