@@ -29,7 +29,7 @@ How the planner measures
 Planning never runs a full training step per candidate. It runs one *cut*
 step of the layer-wise GC net on **one sample** of the batch (bytes and times
 are scaled by the batch size; parameter gradients are not): each block's
-output is detached into a fresh leaf, so every block's forward and backward
+inputs and output are detached into fresh leaves, so every block's forward and backward
 can be measured on its own with a nested :class:`~snnkit.memopt.MemoryTracker`
 (peak of live tensor bytes on any device, CPU included). The same step
 records, through saved-tensor hooks in the recompute, what the plain block
@@ -95,6 +95,15 @@ temporal split computes BatchNorm batch statistics per chunk of time steps, so
 with BatchNorm in training mode inside a temporally split block outputs and
 gradients differ from the plain net (as with any per-chunk normalisation);
 pass ``temporal=False`` to rule temporal splits out.
+
+What the planner leaves whole: it splits a block only where the parts are known
+to compose to its forward (``__spatial_split__``, or an ``nn.Sequential`` that
+does not override ``forward``), and spans temporal segments only over children
+of such a Sequential. A block of several tensor inputs is a GC segment as a
+whole; a block called more than once per step, or shared by several sites,
+stops planning at level 1. Forward hooks of a block whose parts run separately
+(spatial split, temporal segment) do not run; :func:`unwrap_gc` brings the
+block back.
 """
 import dataclasses
 import logging
