@@ -30,18 +30,23 @@ def windows(pool, x: torch.Tensor) -> Optional[Tuple[int, int]]:
 def window_max(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Max over non-overlapping ``kh x kw`` windows of ``[*, H, W]`` (floor mode), no indices.
 
-    Elementwise maxima of the ``kh * kw`` strided views of a contiguous ``x``: on
-    CPU several times faster than ``max_pool2d``, with the same result. NaN
-    propagates, and on a tie (``-0.0`` against ``+0.0``) the earlier element of the
-    window wins, as in ``max_pool2d``: on strided views ``torch.maximum`` runs its
-    scalar loop, which returns its first argument on ties (pinned by
-    ``tests/test_layer.py``).
+    Bit for bit ``max_pool2d`` (on a ``-0.0``/``+0.0`` tie the earlier element wins;
+    NaN propagates with the bits ``max_pool2d`` gives it). For ``kw >= 2``, the
+    elementwise maxima of the ``kh * kw`` strided views: there ``torch.maximum``
+    runs its scalar loop, which returns its first argument on ties but a NaN of
+    its own, so an input with NaN is handed to ``max_pool2d``. For ``kw == 1`` the
+    views are contiguous and ``torch.maximum`` runs vectorised code, which returns
+    the later element on ties: ``max_pool2d`` is used.
     """
+    if kw == 1:
+        return F.max_pool2d(x, (kh, kw))
     h, w = x.shape[-2] // kh * kh, x.shape[-1] // kw * kw
     views = [x[..., i:h:kh, j:w:kw] for i in range(kh) for j in range(kw)]
     m = torch.maximum(views[0], views[1])
     for v in views[2:]:
         torch.maximum(m, v, out=m)
+    if m.sum().isnan():  # a NaN (or both infinities) in x: rare, and no allocation to find out
+        return F.max_pool2d(x, (kh, kw))
     return m
 
 

@@ -16,6 +16,7 @@ Example:
     tensor([0.0707, 1.0000, 0.4200])
 """
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -54,13 +55,16 @@ class SurrogateFunction(nn.Module):
         spiking: If True (default) ``forward`` returns spikes; if False it returns
             the smooth primitive, whose autograd derivative equals ``derivative``.
 
-    Subclasses implement :meth:`primitive`, :meth:`derivative` and
-    :meth:`cuda_derivative`.
+    Subclasses implement :meth:`primitive`; the derivative, either by overriding
+    :meth:`derivative` (``derivative(x)`` returning a new tensor) or as
+    ``_derivative_(x)`` (overwriting ``x`` and returning it, which saves the
+    multi-step backward a buffer); and, for ``backend="cupy"``,
+    :meth:`cuda_derivative`, in the same class as the derivative it mirrors.
     """
 
     def __init__(self, alpha: float, spiking: bool = True):
         super().__init__()
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"{type(self).__name__}: alpha must be a positive finite number, got {alpha!r}")
         self.alpha = float(alpha)
         self.spiking = spiking
@@ -79,8 +83,11 @@ class SurrogateFunction(nn.Module):
         raise NotImplementedError
 
     def derivative(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """The surrogate derivative at ``x`` (computed in ``x``'s memory if ``inplace``)."""
-        return self._derivative_(x if inplace else x.clone())
+        """The surrogate derivative at ``x`` (computed in ``x``'s memory and returned as ``x`` if ``inplace``)."""
+        if not inplace:
+            return self._derivative_(x.clone())
+        out = self._derivative_(x)
+        return out if out is x else x.copy_(out)  # an _derivative_ that made a new tensor
 
     def _derivative_(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -91,6 +98,22 @@ class SurrogateFunction(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, spiking={self.spiking}"
+
+
+def _owner(sg: SurrogateFunction, name: str) -> type:
+    """The class in ``sg``'s MRO that defines ``name``."""
+    return next(c for c in type(sg).__mro__ if name in c.__dict__)
+
+
+def _derivative_in_place(sg: SurrogateFunction) -> bool:
+    """Whether ``sg.derivative(x, inplace=True)`` is the base one, which returns ``x`` overwritten."""
+    return _owner(sg, "derivative") is SurrogateFunction
+
+
+def _cuda_derivative_matches(sg: SurrogateFunction) -> bool:
+    """Whether ``sg.cuda_derivative`` is defined, in a class at or below every torch derivative it mirrors."""
+    cuda = _owner(sg, "cuda_derivative")
+    return cuda is not SurrogateFunction and all(issubclass(cuda, _owner(sg, n)) for n in ("derivative", "_derivative_"))
 
 
 class Sigmoid(SurrogateFunction):

@@ -59,3 +59,22 @@ def test_sigmoid_and_atan_values_match_known_formulas():
 def test_bad_alpha(alpha):
     with pytest.raises(ValueError, match="alpha must be a positive finite number"):
         surrogate.Sigmoid(alpha=alpha)
+
+
+def test_inplace_derivative_lands_in_x_for_an_out_of_place_derivative_():
+    class OutOfPlace(surrogate.SurrogateFunction):  # the Sigmoid formula, returning a new tensor
+        def _derivative_(self, x):
+            s = torch.sigmoid(self.alpha * x)
+            return self.alpha * s * (1 - s)
+
+    x = torch.randn(20, dtype=torch.float64)
+    buf = x.clone()
+    out = OutOfPlace(4.0).derivative(buf, inplace=True)
+    assert out is buf
+    torch.testing.assert_close(buf, surrogate.Sigmoid(4.0).derivative(x))
+
+
+def test_numpy_scalar_alpha():
+    np = pytest.importorskip("numpy")
+    sg = surrogate.ATan(alpha=np.float32(3.0))
+    assert type(sg.alpha) is float and sg.key == surrogate.ATan(3.0).key

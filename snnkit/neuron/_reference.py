@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..surrogate import SurrogateFunction
+from ..surrogate import SurrogateFunction, _derivative_in_place
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,11 +87,26 @@ def multistep(
     else ``(spike_seq, v_last)``. Gradients flow to ``x_seq`` and ``v``; when
     none is needed (``torch.no_grad()``, inference, the first forward of a GC
     segment) nothing is kept for backward and ``h_seq`` is never stored.
+    A surrogate with ``spiking=False`` (outputs not 0/1) runs ``T`` plain :func:`step` calls.
     """
+    if not p.surrogate.spiking:
+        return _step_loop(x_seq, v, p, store_v_seq)
     if needs_graph(x_seq, v):
         return _MultiStep.apply(x_seq, v, p, store_v_seq)
     spike_seq, v_out, _ = _forward_loop(x_seq, v, p, store_v_seq, keep_h=False)
     return spike_seq, v_out
+
+
+def _step_loop(x_seq, v, p, store_v_seq):
+    """:func:`multistep` as ``T`` calls of :func:`step` (plain autograd)."""
+    spikes, vs = [], []
+    for x in x_seq:
+        spike, v = step(x, v if isinstance(v, torch.Tensor) else torch.full_like(x, v), p)
+        spikes.append(spike)
+        vs.append(v)
+    if not spikes:
+        return torch.empty_like(x_seq), (torch.empty_like(x_seq) if store_v_seq else v)
+    return torch.stack(spikes), (torch.stack(vs) if store_v_seq else v)
 
 
 def needs_graph(x_seq: torch.Tensor, v: torch.Tensor) -> bool:
@@ -128,6 +143,17 @@ def _leak(p: NeuronParams) -> float:
     return 1.0 if p.kind == "if" else 1.0 - 1.0 / p.tau
 
 
+def _sg_into(h: torch.Tensor, p: NeuronParams, in_place: bool) -> torch.Tensor:
+    """Overwrite ``h = H[t]`` with the surrogate derivative at ``H[t] - V_th`` and return it.
+
+    ``in_place``: ``p.surrogate.derivative`` is the base one, which computes in the
+    memory it is given (the built-ins); an overridden one gets a copy and its result is copied back.
+    """
+    if in_place:
+        return p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
+    return h.copy_(p.surrogate.derivative(h - p.v_threshold))
+
+
 _keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 _is_compiling = getattr(torch.compiler, "is_compiling", None)
 
@@ -160,6 +186,7 @@ class _MultiStep(torch.autograd.Function):
         (h_seq,) = ctx.saved_tensors
         p = ctx.p
         leak = _leak(p)
+        in_place = _derivative_in_place(p.surrogate)
         grad_h = h_seq.clone() if _graph_kept() else h_seq
         dv_dh = None if (p.detach_reset and not p.hard_reset) else torch.empty_like(h_seq[0])
         g = torch.empty_like(h_seq[0]) if ctx.store_v_seq else None
@@ -168,15 +195,16 @@ class _MultiStep(torch.autograd.Function):
             if p.hard_reset:  # dV/dH = (1 - S) [+ (V_reset - H) sg]
                 torch.lt(h, p.v_threshold, out=dv_dh)
                 if p.detach_reset:
-                    sg = p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
+                    sg = _sg_into(h, p, in_place)
                 else:  # needs H and sg at once
-                    sg_t = p.surrogate.derivative(h - p.v_threshold, inplace=True)
+                    h_x = h - p.v_threshold
+                    sg_t = p.surrogate.derivative(h_x, inplace=True) if in_place else p.surrogate.derivative(h_x)
                     dv_dh.addcmul_(h, sg_t, value=-1.0)
                     if p.v_reset != 0.0:
                         dv_dh.add_(sg_t, alpha=p.v_reset)
                     sg = h.copy_(sg_t)
             else:
-                sg = p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
+                sg = _sg_into(h, p, in_place)
                 if dv_dh is not None:  # dV/dH = 1 - V_th sg
                     torch.mul(sg, -p.v_threshold, out=dv_dh).add_(1.0)
             sg.mul_(grad_spike_seq[t])

@@ -1,5 +1,6 @@
 """IF and LIF neuron modules: thin wrappers around :mod:`snnkit.neuron._reference`."""
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -36,7 +37,11 @@ class BaseNode(MemoryModule):
         detach_reset: Detach the spike in the reset term.
         step_mode: ``"s"`` (input ``[N, *]``) or ``"m"`` (input ``[T, N, *]``).
         backend: ``"torch"`` (everywhere) or ``"cupy"`` (fused CUDA kernels).
-        store_v_seq: In ``"m"`` mode keep the potential sequence as ``self.v_seq``.
+        store_v_seq: In ``"m"`` mode keep the potential sequence as ``self.v_seq``
+            (``None`` before the first such step and after :meth:`reset`).
+
+    Integer and bool inputs are promoted to the dtype of the state ``v`` (a tensor),
+    else to ``torch.get_default_dtype()``.
 
     Raises:
         ValueError: for an unknown ``step_mode`` or ``backend``, or a bad parameter.
@@ -54,9 +59,9 @@ class BaseNode(MemoryModule):
         store_v_seq: bool = False,
     ):
         super().__init__(step_mode)
-        if not (isinstance(v_threshold, (int, float)) and math.isfinite(v_threshold)):
+        if not (isinstance(v_threshold, numbers.Real) and math.isfinite(v_threshold)):
             raise ValueError(f"v_threshold must be a finite number, got {v_threshold!r}")
-        if v_reset is not None and not (isinstance(v_reset, (int, float)) and math.isfinite(v_reset)):
+        if v_reset is not None and not (isinstance(v_reset, numbers.Real) and math.isfinite(v_reset)):
             raise ValueError(f"v_reset must be a finite number or None (soft reset), got {v_reset!r}")
         if not isinstance(surrogate_function, _surrogate.SurrogateFunction):
             raise ValueError(
@@ -68,7 +73,19 @@ class BaseNode(MemoryModule):
         self.detach_reset = bool(detach_reset)
         self.backend = backend
         self.store_v_seq = bool(store_v_seq)
+        self.v_seq = None
         self.register_memory("v", 0.0 if v_reset is None else float(v_reset))
+
+    def reset(self) -> None:
+        """Put ``v`` back to its reset value and ``v_seq`` to ``None``."""
+        super().reset()
+        self.v_seq = None
+
+    def detach(self) -> None:
+        """Detach ``v`` (and ``v_seq``) from the autograd graph (truncated BPTT)."""
+        super().detach()
+        if isinstance(self.v_seq, torch.Tensor):
+            self.v_seq = self.v_seq.detach()
 
     @property
     def backend(self) -> str:
@@ -92,7 +109,15 @@ class BaseNode(MemoryModule):
             return v
         return torch.full_like(like, v)
 
+    def _float_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, an integer or bool one promoted to the dtype of a tensor state ``v`` or the default dtype."""
+        if x.is_floating_point() or x.is_complex():
+            return x
+        v = self.v
+        return x.to(v.dtype if isinstance(v, torch.Tensor) and v.is_floating_point() else torch.get_default_dtype())
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._float_input(x)
         spike, self.v = _reference.step(x, self._initial_v(x), self._params())
         return spike
 
@@ -102,6 +127,7 @@ class BaseNode(MemoryModule):
                 f"{type(self).__name__} in step_mode='m' expects a sequence [T, N, *], got shape {tuple(x_seq.shape)}; "
                 "use step_mode='s' for a single step"
             )
+        x_seq = self._float_input(x_seq)
         if self.backend == "cupy":
             from ._cuda import ops
 
@@ -153,7 +179,8 @@ class LIFNode(BaseNode):
     Args:
         tau: Membrane time constant, ``>= 1``.
         decay_input: Whether the input is divided by ``tau`` too.
-        **kwargs: The arguments of :class:`BaseNode`.
+        v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq:
+            As in :class:`BaseNode`, in this order after ``tau`` and ``decay_input``.
 
     Example:
         >>> import torch
@@ -163,10 +190,21 @@ class LIFNode(BaseNode):
         tensor([0., 1., 0., 1.])
     """
 
-    def __init__(self, tau: float = 2.0, decay_input: bool = True, **kwargs):
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 1.0):
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: Optional[float] = 0.0,
+        surrogate_function: _surrogate.SurrogateFunction = _surrogate.Sigmoid(),
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "torch",
+        store_v_seq: bool = False,
+    ):
+        if not (isinstance(tau, numbers.Real) and math.isfinite(tau) and tau >= 1.0):
             raise ValueError(f"tau must be a finite number >= 1, got {tau!r}")
-        super().__init__(**kwargs)
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
         self.tau = float(tau)
         self.decay_input = bool(decay_input)
 

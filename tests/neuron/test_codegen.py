@@ -181,3 +181,45 @@ def test_launch_arguments_follow_the_c_types_of_both_kernel_families():
     args = [f(a) for f, a in zip(conv, (t, t, t, None, t, 1.0, 0.0, 2.0, 0, 8, 4))]
     assert [type(a) for a in args] == [np.uint64] * 5 + [np.float32] * 3 + [np.int32] * 2 + [np.int64]
     assert int(args[3]) == 0  # None: a null pointer (h_seq not saved)
+
+
+def test_spec_for_rejects_non_spiking_surrogates():
+    p = _reference.NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid(spiking=False))
+    with pytest.raises(ValueError, match="spiking=False; use backend='torch'"):
+        ops.spec_for(p, torch.float32)
+
+
+class _SigmoidWithOwnDerivative(surrogate.Sigmoid):
+    """Overrides the torch derivative but inherits Sigmoid's CUDA one."""
+
+    def derivative(self, x, inplace=False):
+        return torch.ones_like(x)
+
+
+class _NoCuda(surrogate.SurrogateFunction):
+    def derivative(self, x, inplace=False):
+        return torch.ones_like(x)
+
+
+class _WithCuda(_NoCuda):
+    def cuda_derivative(self, x, out):
+        return f"{out} = 1.0f;"
+
+
+class _OwnDerivative_(surrogate.Rect):
+    def _derivative_(self, x):
+        return torch.ones_like(x)
+
+
+@pytest.mark.parametrize("cls", [_SigmoidWithOwnDerivative, _NoCuda, _OwnDerivative_])
+def test_spec_for_rejects_a_surrogate_without_a_matching_cuda_derivative(cls):
+    # The kernel would otherwise inline a formula other than the torch derivative's (or none).
+    p = _reference.NeuronParams("if", 1.0, 0.0, False, cls(1.0))
+    with pytest.raises(ValueError, match=f"{cls.__name__}.cuda_derivative"):
+        ops.spec_for(p, torch.float32)
+
+
+def test_spec_for_accepts_a_custom_surrogate_with_its_cuda_derivative():
+    p = _reference.NeuronParams("if", 1.0, 0.0, False, _WithCuda(1.0))
+    spec = ops.spec_for(p, torch.float32)
+    assert spec.surrogate == "_withcuda_1p0" and spec.surrogate_code == "sg = 1.0f;"

@@ -11,15 +11,17 @@ parallel execution, CUDA's own ``expf``/``atanf`` ulps, NVRTC quirks (the GPU su
 in ``tests/gpu`` does).
 """
 import functools
+import math
 import shutil
 
 import pytest
 import torch
 
+from snnkit import surrogate
 from snnkit.memopt import _bitpack_cuda as bitpack
 from snnkit.memopt import compress
 from snnkit.neuron import _reference
-from snnkit.neuron._cuda import ops
+from snnkit.neuron._cuda import codegen, ops
 
 from .cuda_emu import harness
 from .cuda_emu import kernels as _kernels
@@ -190,6 +192,46 @@ def test_grad_only_to_x():
     xr = x.clone().requires_grad_()
     (_reference.multistep(xr, v, p, False)[0] * gs).sum().backward()
     torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+class _Gauss(surrogate.SurrogateFunction):
+    """A custom surrogate: ``derivative`` overridden (a new tensor, no ``inplace``) with its CUDA form."""
+
+    def derivative(self, x):
+        return self.alpha / (2 * math.pi) ** 0.5 * torch.exp(-0.5 * (self.alpha * x) ** 2)
+
+    def cuda_derivative(self, x, out):
+        c, a2 = f"{self.alpha / (2 * math.pi) ** 0.5!r}f", f"{-0.5 * self.alpha**2!r}f"
+        return f"{out} = {c} * expf(({x}) * ({x}) * {a2});"
+
+
+@pytest.mark.parametrize("hard,detach", [(True, False), (True, True), (False, False), (False, True)])
+def test_custom_surrogate_kernels_match_torch_and_single_steps(hard, detach):
+    p = _reference.NeuronParams("lif", 1.0, 0.0 if hard else None, detach, _Gauss(1.5), 2.0, True)
+    spec = ops.spec_for(p, torch.float32)
+    kernels = [(codegen.forward_name(spec), codegen.forward_params(spec), codegen.forward_source(spec)),
+               (codegen.backward_name(spec), codegen.backward_params(spec), codegen.backward_source(spec))]
+    emu = harness.build(kernels, n_units=1)
+
+    def launcher(name, source, params, n_threads, args):
+        emu.launch(name, n_threads, *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+
+    x, v, gs, gv = _inputs((6, 3, 37), torch.float32, seed=4)
+    got = _run(lambda a, b: ops._FusedMultiStep.apply(a, b, p, False, launcher), x, v, gs, gv, False)
+    ref = _run(lambda a, b: _reference.multistep(a, b, p, False), x, v, gs, gv, False)
+
+    def single_steps(a, b):
+        spikes = []
+        for t in range(a.shape[0]):
+            s, b = _reference.step(a[t], b, p)
+            spikes.append(s)
+        return torch.stack(spikes), b
+
+    steps = _run(single_steps, x, v, gs, gv, False)
+    for other in (ref, steps):
+        assert torch.equal(got[0], other[0]) and torch.equal(got[1], other[1])
+        torch.testing.assert_close(got[2], other[2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[3], other[3], rtol=1e-5, atol=1e-6)
 
 
 # --- bit packing ---------------------------------------------------------------------

@@ -123,3 +123,127 @@ def test_cross_check_with_spikingjelly(kind, v_reset, detach_reset):
     sa.backward(g)
     sb.backward(g)
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-10, rtol=1e-10)
+
+
+class _Gauss(surrogate.SurrogateFunction):
+    """A custom surrogate whose ``derivative`` returns a new tensor and takes no ``inplace`` flag."""
+
+    def primitive(self, x):
+        return 0.5 * (1 + torch.erf(x * self.alpha / 2**0.5))
+
+    def derivative(self, x):
+        return self.alpha / (2 * torch.pi) ** 0.5 * torch.exp(-0.5 * (self.alpha * x) ** 2)
+
+
+@pytest.mark.parametrize("cls", [neuron.IFNode, neuron.LIFNode])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+@pytest.mark.parametrize("detach_reset", [False, True])
+def test_custom_surrogate_multi_step_gradients_equal_single_steps(cls, v_reset, detach_reset):
+    x = torch.rand(5, 3, 4, dtype=torch.float64) * 1.5
+    kw = dict(v_reset=v_reset, detach_reset=detach_reset, surrogate_function=_Gauss(1.0))
+    s_node, m_node = make(cls, **kw), make(cls, step_mode="m", **kw)
+    xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_s = torch.stack([s_node(xs[t]) for t in range(5)])
+    out_m = m_node(xm)
+    assert torch.equal(out_s, out_m)
+    g = torch.randn_like(out_s)
+    out_s.backward(g)
+    out_m.backward(g)
+    torch.testing.assert_close(xs.grad, xm.grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="SpikingJelly not installed")
+@pytest.mark.parametrize("kind", ["if", "lif"])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_non_spiking_surrogate_in_both_step_modes_matches_spikingjelly(kind, v_reset):
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly.activation_based import surrogate as sj_surrogate
+
+    kw = dict(v_reset=v_reset, step_mode="m")
+    if kind == "if":
+        theirs = sj_neuron.IFNode(surrogate_function=sj_surrogate.Sigmoid(spiking=False), **kw)
+        ours = [neuron.IFNode(surrogate_function=surrogate.Sigmoid(spiking=False), **kw) for _ in range(2)]
+    else:
+        theirs = sj_neuron.LIFNode(tau=2.0, surrogate_function=sj_surrogate.Sigmoid(spiking=False), **kw)
+        ours = [neuron.LIFNode(tau=2.0, surrogate_function=surrogate.Sigmoid(spiking=False), **kw) for _ in range(2)]
+    ours[1].step_mode = "s"
+    x = torch.rand(6, 3, 5, dtype=torch.float64) * 1.5
+    xm, xs, xj = (x.clone().requires_grad_() for _ in range(3))
+    out_m, out_s, out_j = ours[0](xm), torch.stack([ours[1](xs[t]) for t in range(6)]), theirs(xj)
+    assert torch.equal(out_m, out_s)
+    torch.testing.assert_close(out_m, out_j, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(out_m)
+    for out in (out_m, out_s, out_j):
+        out.backward(g)
+    torch.testing.assert_close(xm.grad, xs.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(xm.grad, xj.grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [neuron.IFNode, neuron.LIFNode])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_integer_and_bool_inputs_are_promoted_to_float(cls, dtype, step_mode):
+    x_float = (torch.rand(6, 2, 5) < 0.5).float()
+    x = x_float.to(dtype)
+
+    def run(inp, v=None):
+        node = make(cls, v_threshold=0.8, step_mode=step_mode)
+        if v is not None:
+            node.v = v
+        out = node(inp) if step_mode == "m" else torch.stack([node(inp[t]) for t in range(6)])
+        return out, node.v
+
+    out, v = run(x)
+    expected, v_expected = run(x_float)
+    assert out.dtype == v.dtype == torch.get_default_dtype()
+    assert torch.equal(out, expected) and torch.equal(v, v_expected) and out.sum() > 0
+    out64, v64 = run(x, torch.zeros(2, 5, dtype=torch.float64))  # the dtype of a tensor state wins
+    expected64, _ = run(x_float.double(), torch.zeros(2, 5, dtype=torch.float64))
+    assert out64.dtype == v64.dtype == torch.float64 and torch.equal(out64, expected64)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="SpikingJelly not installed")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_input_matches_spikingjelly(dtype):
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    x = (torch.rand(6, 2, 5) < 0.5).to(dtype)
+    ours, theirs = neuron.LIFNode(v_threshold=0.6, step_mode="m"), sj_neuron.LIFNode(v_threshold=0.6, step_mode="m")
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_v_seq_is_none_before_the_first_forward_and_after_reset():
+    # As in SpikingJelly 2.0.0's BaseNode: v_seq starts as None, reset() clears it, detach() detaches it.
+    node = neuron.IFNode(step_mode="m", store_v_seq=True)
+    assert node.v_seq is None
+    x = torch.rand(3, 2, 4, requires_grad=True)
+    node(x)
+    assert node.v_seq.shape == (3, 2, 4) and node.v_seq.grad_fn is not None
+    functional.detach_net(node)
+    assert node.v_seq.grad_fn is None
+    functional.reset_net(node)
+    assert node.v_seq is None and node.v == 0.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spikingjelly") is None, reason="SpikingJelly not installed")
+def test_lif_positional_arguments_follow_spikingjelly_order():
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    sg = surrogate.ATan()
+    args = (3.0, False, 0.5, None, sg, True, "m")
+    ours, theirs = neuron.LIFNode(*args, "torch", True), sj_neuron.LIFNode(*args, True)
+    for name in ("tau", "decay_input", "v_threshold", "v_reset", "detach_reset", "step_mode", "store_v_seq"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.surrogate_function is sg and ours.backend == "torch"
+
+
+def test_numpy_scalar_hyper_parameters_are_accepted():
+    np = pytest.importorskip("numpy")
+    x = torch.rand(4, 2, 3) * 2
+    ours = neuron.LIFNode(tau=np.float32(3.0), v_threshold=np.float32(0.5), v_reset=np.int64(0),
+                          surrogate_function=surrogate.Sigmoid(np.float32(2.0)), step_mode="m")
+    plain = neuron.LIFNode(tau=3.0, v_threshold=0.5, v_reset=0.0, surrogate_function=surrogate.Sigmoid(2.0),
+                           step_mode="m")
+    assert torch.equal(ours(x), plain(x)) and type(ours.tau) is float and ours.surrogate_function.alpha == 2.0
+    with pytest.raises(ValueError, match="v_threshold must be a finite number"):
+        neuron.IFNode(v_threshold=np.float32("nan"))

@@ -150,3 +150,83 @@ def test_backward_with_retained_graph_repeats_bit_for_bit(kind, decay_input, v_r
     second = torch.autograd.grad(retained, (x, v0))
     for a, b, c in zip(once, first, second):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# Custom surrogates written the ways a SurrogateFunction subclass may write its derivative,
+# each with the formula of a built-in (so numpy_bptt above is the reference).
+class _RectByDerivative(surrogate.SurrogateFunction):
+    """``derivative(x)`` overridden without an ``inplace`` flag, returning a new tensor."""
+
+    def primitive(self, x):
+        return torch.clamp(x * self.alpha + 0.5, 0.0, 1.0)
+
+    def derivative(self, x):
+        return (x.abs() < 0.5 / self.alpha).to(x.dtype) * self.alpha
+
+
+class _ATanIgnoringInplace(surrogate.SurrogateFunction):
+    """``derivative(x, inplace)`` overridden, ignoring ``inplace`` (a new tensor)."""
+
+    def primitive(self, x):
+        return torch.atan(x * (math.pi / 2 * self.alpha)) / math.pi + 0.5
+
+    def derivative(self, x, inplace=False):
+        return (self.alpha / 2) / (1 + (math.pi / 2 * self.alpha * x) ** 2)
+
+
+class _SigmoidOutOfPlace(surrogate.SurrogateFunction):
+    """``_derivative_`` that returns a new tensor instead of overwriting ``x``."""
+
+    def primitive(self, x):
+        return torch.sigmoid(x * self.alpha)
+
+    def _derivative_(self, x):
+        s = torch.sigmoid(self.alpha * x)
+        return self.alpha * s * (1 - s)
+
+
+CUSTOM = {"Rect": _RectByDerivative, "ATan": _ATanIgnoringInplace, "Sigmoid": _SigmoidOutOfPlace}
+
+
+@pytest.mark.parametrize("sg_name", list(CUSTOM))
+@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset", list(dict.fromkeys(c[:4] for c in CONFIGS)))
+def test_multistep_gradients_with_custom_surrogate_derivatives(kind, decay_input, v_reset, detach_reset, sg_name):
+    sg = CUSTOM[sg_name](1.5)
+    p = NeuronParams(kind, 1.0, v_reset, detach_reset, sg, tau=1.7, decay_input=decay_input)
+    x = torch.rand(7, 3, 4, dtype=torch.float64) * 2.4 - 0.3
+    v0 = torch.rand(3, 4, dtype=torch.float64) * 0.4
+    grad_s, grad_v = torch.randn(7, 3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    x.requires_grad_(), v0.requires_grad_()
+    spikes, v_last = multistep(x, v0, p)
+    (spikes * grad_s).sum().add((v_last * grad_v).sum()).backward()
+    ref = numpy_bptt(x.detach().numpy(), v0.detach().numpy(), kind, 1.7, decay_input, 1.0, v_reset,
+                     detach_reset, sg_name, 1.5, grad_s.numpy(), grad_v.numpy())
+    np.testing.assert_array_equal(spikes.detach().numpy(), ref[0])
+    np.testing.assert_allclose(x.grad.numpy(), ref[2], atol=1e-12)
+    np.testing.assert_allclose(v0.grad.numpy(), ref[3], atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS[::5])
+@pytest.mark.parametrize("store_v_seq", [False, True])
+def test_non_spiking_surrogate_multistep_equals_single_steps(kind, decay_input, v_reset, detach_reset, sg_name,
+                                                             store_v_seq):
+    # spiking=False: the "spikes" are the smooth primitive, as in T single steps (and SpikingJelly).
+    p = NeuronParams(kind, 0.8, v_reset, detach_reset, getattr(surrogate, sg_name)(spiking=False), 2.5, decay_input)
+    x = (torch.rand(6, 2, 5, dtype=torch.float64) * 1.5).requires_grad_()
+    v0 = (torch.rand(2, 5, dtype=torch.float64) * 0.3).requires_grad_()
+    out_m, v_m = multistep(x, v0, p, store_v_seq)
+    v, outs, vs = v0, [], []
+    for t in range(6):
+        s, v = step(x[t], v, p)
+        outs.append(s)
+        vs.append(v)
+    out_s, v_s = torch.stack(outs), (torch.stack(vs) if store_v_seq else v)
+    assert torch.equal(out_m, out_s) and torch.equal(v_m, v_s)
+    assert not torch.equal(out_m, (out_m >= 0.5).to(out_m))  # not 0/1 spikes
+    g = torch.randn_like(out_m)
+    grads_m = torch.autograd.grad((out_m * g).sum() + v_m.sum(), (x, v0))
+    grads_s = torch.autograd.grad((out_s * g).sum() + v_s.sum(), (x, v0))
+    for a, b in zip(grads_m, grads_s):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(multistep(x, 0.0, p, store_v_seq)[0], multistep(x, torch.zeros_like(v0), p)[0])

@@ -35,6 +35,7 @@ from typing import Tuple
 import torch
 
 from ... import _cupy
+from ... import surrogate as _surrogate
 from .. import _reference
 from .._reference import NeuronParams
 from . import codegen
@@ -45,7 +46,17 @@ _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 
 
 def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
-    """The kernel specification of neuron parameters ``p`` for tensors of ``dtype``."""
+    """The kernel specification of neuron parameters ``p`` for tensors of ``dtype``.
+
+    Raises:
+        ValueError: for an unsupported dtype, a surrogate with ``spiking=False``, or a
+            surrogate whose ``cuda_derivative`` does not mirror its torch derivative.
+    """
+    if not p.surrogate.spiking:
+        raise ValueError(
+            f"backend='cupy' fires Heaviside spikes only, but the surrogate {type(p.surrogate).__name__} has "
+            "spiking=False; use backend='torch' for a non-spiking surrogate"
+        )
     if dtype not in _TORCH_DTYPES:
         raise ValueError(
             f"backend='cupy' supports float32 and float16 tensors, got {dtype}; "
@@ -61,6 +72,13 @@ def spec_for(p: NeuronParams, dtype: torch.dtype) -> codegen.KernelSpec:
 @functools.lru_cache(maxsize=256)
 def _spec(kind, decay_input, hard_reset, detach_reset, surrogate_key, surrogate, dtype):
     # Cached per surrogate object; surrogate_key makes a surrogate whose alpha changed since a new entry.
+    if isinstance(surrogate, _surrogate.SurrogateFunction) and not _surrogate._cuda_derivative_matches(surrogate):
+        name = type(surrogate).__name__
+        raise ValueError(
+            f"backend='cupy' inlines the surrogate's cuda_derivative, but {name} does not define one next to its "
+            f"torch derivative (it defines derivative or _derivative_ without a cuda_derivative of its own); "
+            f"implement {name}.cuda_derivative(x, out) with the same formula, or use backend='torch'"
+        )
     return codegen.make_spec(kind, decay_input, hard_reset, detach_reset, surrogate, dtype)
 
 
