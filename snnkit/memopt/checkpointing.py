@@ -37,9 +37,20 @@ NOTE [ Invariants of a GC segment ]
        runs therefore leaves the statistics unchanged. (``torch.nn.BatchNorm``
        modules would update twice; use the snnkit layers inside GC segments.
        A :class:`GCContainer` built around one that tracks statistics warns.)
-    5. The caller's tensors are never modified (no ``requires_grad_`` on inputs).
+    5. The caller's tensors are never modified (no ``requires_grad_`` on inputs;
+       only an in-place first module writes into its input, as without GC).
        The parameters of the modules of a segment are explicit inputs of the
-       checkpointed function, so it works without any input requiring grad.
+       checkpointed function, so it works without any input requiring grad; one
+       frozen between forward and backward gets no gradient, as in autograd.
+       Tensors nested in list, tuple or dict arguments are inputs too.
+    6. In-place first modules: the input is compressed before the first forward
+       writes into it. :class:`NullSpikeCompressor` keeps the input itself, so it
+       is copied first when the first module has ``inplace=True`` (``nn.ReLU``,
+       ...); any other write into it raises. The written input is marked as
+       modified by the segment, so its later uses get their gradients through it.
+       (:class:`TCGCContainer` raises if its input requires grad: chunks are views.)
+    7. No double backward: with ``create_graph=True`` a segment's backward raises,
+       since the compressed input has no graph for the second-order terms.
 
 Implementation and distributed training:
     The segment is a custom :class:`torch.autograd.Function` whose backward
@@ -114,6 +125,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import base
 from ..layer import BatchNorm1d, BatchNorm2d, SeqToANNContainer
@@ -222,6 +234,18 @@ def _merge(template, tensors) -> list:
     return [next(it) if v is _SLOT else v for v in template]
 
 
+def _split_args(args) -> Tuple[tuple, list]:
+    """:func:`_split` of the leaves of nested lists, tuples and dicts (their tensors get gradients too)."""
+    leaves, spec = tree_flatten(list(args))
+    template, tensors = _split(leaves)
+    return (spec, template), tensors
+
+
+def _merge_args(template, tensors) -> list:
+    spec, leaves = template
+    return tree_unflatten(_merge(leaves, tensors), spec)
+
+
 class _Segment:
     """Everything about one checkpointed call that is not a saved tensor."""
 
@@ -245,6 +269,8 @@ class _Segment:
         "c_n",
         "c_has_flag",
         "acc",
+        "x_written",
+        "x_dirty",
     )
 
     def __init__(self, fn, compressor, module, stateful, fn_boxed=None):
@@ -263,13 +289,24 @@ class _GCFunction(torch.autograd.Function):
         arg_tensors = tensors[:n_args]
         state_tensors = tensors[n_args : n_args + n_states]
         seg.context = _Context((x, *arg_tensors, *state_tensors))
-        # Compress before running: an in-place first module must not change what is replayed.
-        c = seg.compressor.compress(x)
-        args = _merge(seg.arg_template, arg_tensors)
+        # Compress before running, so that an in-place first module does not change what is
+        # replayed; NullSpikeCompressor keeps x itself, so it gets a copy if x may be written.
+        null = isinstance(seg.compressor, NullSpikeCompressor)
+        c = seg.compressor.compress(x.clone() if null and _first_in_place(seg.module) else x)
+        args = _merge_args(seg.arg_template, arg_tensors)
+        version = x._version
         with gc_1st_forward():
             if seg.stateful:
                 base.load_memories(seg.module, _merge(seg.state_template, state_tensors))
             out = seg.fn(x, *args)
+        seg.x_written = x._version != version
+        if seg.x_written and c.payload[0] is x:
+            raise RuntimeError(
+                "snnkit.memopt: the first forward of a GC segment modified its input x_seq in place, and "
+                "NullSpikeCompressor keeps x_seq itself, so the recompute would start from the modified values "
+                "and give wrong gradients. Make the operation out of place, or use a compressor that stores a "
+                "copy (e.g. SparseSpikeCompressor, which takes any values)."
+            )
         seg.out_is_tensor = isinstance(out, _Tensor)
         seg.out_template, out_tensors = _split([out] if seg.out_is_tensor else out)
         state_out_tensors = []
@@ -287,10 +324,24 @@ class _GCFunction(torch.autograd.Function):
         ctx.save_for_backward(*arg_tensors, *state_tensors, *c.payload, *extra)
         ctx.seg = seg
         ctx.set_materialize_grads(False)
-        return (*out_tensors, *state_out_tensors)
+        # x written in place is an output too (see _Written): later uses of x get its gradient through the segment.
+        seg.x_dirty = seg.x_written and x.requires_grad
+        written = ()
+        if seg.x_dirty:
+            # Outputs that alias x must be no views of it: x is marked modified after this function.
+            storage = x.untyped_storage()._cdata
+            out_tensors = [t.detach() if t.untyped_storage()._cdata == storage else t for t in out_tensors]
+            written = (x.new_zeros(()).expand(x.shape),)
+        return (*out_tensors, *state_out_tensors, *written)
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "snnkit.memopt: a GC segment does not support double backward (create_graph=True, e.g. a gradient "
+                "penalty): its input is stored without its graph, so second-order terms would be lost. Run this "
+                "part of the network without gradient checkpointing."
+            )
         seg: _Segment = ctx.seg
         n_args, n_states, n_params, n_dummy = seg.n_in
         saved = ctx.saved_tensors
@@ -319,12 +370,13 @@ class _GCFunction(torch.autograd.Function):
         if root is None:
             grads_in = [None] * (n_args + n_states + n_params)
         elif seg.module is not None:
-            leaves = (*arg_leaves, *state_leaves)
-            inputs = [t for t in (anchor, *leaves, *params) if t is not None and t.requires_grad]
+            # A parameter frozen since the forward gets no gradient, as in autograd.
+            leaves = (*arg_leaves, *state_leaves, *params)
+            inputs = [t for t in (anchor, *leaves) if t is not None and t.requires_grad]
             got = iter(torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ())
             if anchor is not None:
                 next(got)
-            grads_in = [next(got) if t.requires_grad else None for t in leaves] + list(got)
+            grads_in = [next(got) if t.requires_grad else None for t in leaves]
             if seg.acc is not None:
                 seg.acc.add(grads_in[n_args + n_states :], grads)
                 del grads_in[n_args + n_states :]
@@ -346,14 +398,32 @@ class _Source(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor, x, box):
+    def forward(ctx, anchor, x_box, box):
+        # x comes in a list: an output that is not an input is no view, so it may be modified in place.
         ctx.box = box
-        return x
+        return x_box.pop()
 
     @staticmethod
     def backward(ctx, grad):
         ctx.box.append(grad)
         return None, None, None
+
+
+class _Written(torch.autograd.Function):
+    """Mark ``x``, written in place by a segment, as modified there, as autograd does for an in-place op.
+
+    Later uses of ``x`` send their gradient to ``handle``, the segment's output that stands for ``x``.
+    (A separate node: a view may only be marked dirty by a function with one output.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, handle):
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
 
 
 class _Inject(torch.autograd.Function):
@@ -373,16 +443,19 @@ class _Inject(torch.autograd.Function):
 def _recompute(seg, c, x_needs, arg_leaves, state_leaves, grads, box):
     """Rerun the segment with a graph; return ``(root, anchor)`` (``root`` None: nothing to do)."""
     x = seg.compressor.decompress(c, seg.x_shape)
+    if seg.x_written and any(x.untyped_storage()._cdata == p.untyped_storage()._cdata for p in c.payload):
+        x = x.clone()  # the recompute writes into x: keep the payload as it is (for retain_graph)
     anchor = None
     if x_needs:
         anchor = torch.empty(0, device=x.device, requires_grad=True)
-        x = _Source.apply(anchor, x.detach(), box)
+        x = _Source.apply(anchor, [x.detach()], box)
     else:
         x = x.detach()
+    x_written = x if seg.x_dirty else None  # an output of the segment (see _GCFunction.forward)
     hooks = contextlib.nullcontext()
     if not isinstance(seg.compressor, NullSpikeCompressor) and x.numel() > 0:
         hooks = _input_from_payload(x, seg.compressor, c)
-    args = _merge(seg.arg_template, arg_leaves)
+    args = _merge_args(seg.arg_template, arg_leaves)
     with hooks:
         if seg.stateful:
             base.load_memories(seg.module, _merge(seg.state_template, state_leaves))
@@ -397,6 +470,9 @@ def _recompute(seg, c, x_needs, arg_leaves, state_leaves, grads, box):
         del out
         if seg.stateful:
             out_tensors += _split(base.extract_memories(seg.module))[1]
+        if x_written is not None:
+            out_tensors.append(x_written)
+            del x_written
     pairs = [(t, g) for t, g in zip(out_tensors, grads) if g is not None and t.requires_grad]
     del out_tensors
     if not pairs:
@@ -439,17 +515,21 @@ class _ParamAccumulator:
     """The parameter gradients of the chunks of one :class:`TCGCContainer` call, summed in place."""
 
     # No reference to the handle (an output of _Chunks, whose ctx holds this): no cycle through the graph.
-    __slots__ = ("params", "handle_meta", "grads", "owned")
+    # The sum belongs to one backward pass (graph task): a pass that does not reach _Chunks
+    # (autograd.grad w.r.t. another input, backward(inputs=...)) must not leave its sum to the next.
+    __slots__ = ("params", "handle_meta", "grads", "owned", "task")
 
     def __init__(self, params):
         self.params, self.handle_meta = params, None
         self.grads: Optional[list] = None
         self.owned: List[bool] = []
+        self.task = None
 
     def add(self, grads, grad_outputs):
         """Add one chunk's gradients, in the order the chunks' backwards run (as autograd would)."""
-        if self.grads is None:
-            self.grads, self.owned = [None] * len(grads), [False] * len(grads)
+        task = torch._C._current_graph_task_id()
+        if self.grads is None or self.task != task:
+            self.grads, self.owned, self.task = [None] * len(grads), [False] * len(grads), task
         # Storages seen among this chunk's tensors: a gradient may be shared (two parameters
         # added to the same tensor get the same gradient) or be the outer gradient itself.
         seen: dict = {}
@@ -475,7 +555,9 @@ class _ParamAccumulator:
 
     def take(self) -> list:
         grads, self.grads, self.owned = self.grads, None, []
-        return grads if grads is not None else [None] * len(self.params)
+        if grads is None or self.task != torch._C._current_graph_task_id():
+            return [None] * len(self.params)
+        return grads
 
 
 class _Chunks(torch.autograd.Function):
@@ -496,7 +578,9 @@ class _Chunks(torch.autograd.Function):
         ctx.meta = [(s.shape, s.dtype, s.device) for s in seqs]
         pieces = [p for parts in split for p in parts]
         frozen = [p for i, parts in enumerate(split) if not ctx.needs_input_grad[3 + i] for p in parts]
-        handle = seqs[0].new_empty(0)
+        # A floating handle: an integer one (token ids, bool spikes) could not carry a gradient.
+        s0 = seqs[0]
+        handle = s0.new_empty(0, dtype=s0.dtype if s0.is_floating_point() else torch.get_default_dtype())
         acc.handle_meta = (handle.dtype, handle.device)
         if frozen:
             ctx.mark_non_differentiable(*frozen)
@@ -560,7 +644,7 @@ def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=N
     if not isinstance(x, _Tensor):
         raise TypeError(f"snnkit.memopt: x_seq must be a tensor, got {type(x).__name__}")
     seg = _Segment(fn, compressor, module, stateful, fn_boxed)
-    seg.arg_template, arg_tensors = _split(args)
+    seg.arg_template, arg_tensors = _split_args(args)
     state_tensors = []
     if stateful:
         seg.state_template, state_tensors = _split(base.extract_memories(module))
@@ -578,7 +662,15 @@ def _checkpoint(fn, compressor, x, args, module=None, stateful=False, fn_boxed=N
     n_out = sum(v is _SLOT for v in seg.out_template)
     out = _merge(seg.out_template, outs[:n_out])
     if stateful:
-        base.load_memories(module, _merge(seg.state_out_template, outs[n_out:]))
+        base.load_memories(module, _merge(seg.state_out_template, outs[n_out : len(outs) - seg.x_dirty]))
+    if seg.x_dirty:
+        if acc is not None:
+            raise RuntimeError(
+                "snnkit.memopt: the first module of a TCGCContainer modified its input in place, which its "
+                "chunks (views of one input that requires grad) cannot do. Make the operation out of place, "
+                "or use a GCContainer."
+            )
+        _Written.apply(x, outs[-1])
     return out[0] if seg.out_is_tensor else tuple(out)
 
 
@@ -597,7 +689,8 @@ def input_compressed_gc(f_forward: Callable, x_compressor: BaseSpikeCompressor, 
         f_forward: The function to checkpoint; returns a tensor or a tuple.
         x_compressor: Compressor for ``x_seq`` (``None``: no compression).
         x_seq: Main input, typically a spike sequence.
-        *args: Other arguments, stored without compression.
+        *args: Other arguments, stored without compression (tensors nested in
+            lists, tuples and dicts included).
 
     Returns:
         What ``f_forward`` returns (a tensor or a tuple).
@@ -605,6 +698,8 @@ def input_compressed_gc(f_forward: Callable, x_compressor: BaseSpikeCompressor, 
     Raises:
         TypeError: if ``x_seq`` is not a tensor or the compressor is not one.
         ValueError: in backward, if ``x_seq`` held values the compressor cannot store.
+        RuntimeError: if ``f_forward`` writes into ``x_seq`` in place where the
+            compressor keeps it (see the module docstring), or in a double backward.
 
     Example:
         >>> import torch
@@ -621,6 +716,13 @@ def input_compressed_gc(f_forward: Callable, x_compressor: BaseSpikeCompressor, 
     module = _owner_module(f_forward)
     stateful = module is not None and _has_state(module)
     return _checkpoint(f_forward, _as_compressor(x_compressor), x_seq, args, module, stateful)
+
+
+def _first_in_place(module: Optional[nn.Module]) -> bool:
+    """Whether the first module of ``module`` (through ``nn.Sequential``) has ``inplace=True``, e.g. ``nn.ReLU``."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[0]
+    return getattr(module, "inplace", False) is True
 
 
 def _has_state(module: nn.Module) -> bool:

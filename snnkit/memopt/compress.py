@@ -226,7 +226,7 @@ class NullSpikeCompressor(BaseSpikeCompressor):
         return s
 
     def _decompress(self, payload, shape, dtype):
-        return payload if payload.shape == shape else payload.view(shape)
+        return payload if payload.shape == shape else payload.reshape(shape)
 
 
 class BooleanSpikeCompressor(BaseSpikeCompressor):
@@ -248,7 +248,7 @@ class BooleanSpikeCompressor(BaseSpikeCompressor):
         return truth, (_invalid_binary(s, truth) if self.check else None)
 
     def _decompress(self, payload, shape, dtype):
-        return payload.to(dtype).view(shape)
+        return payload.to(dtype).reshape(shape)  # the payload keeps the input's strides
 
 
 class Uint8SpikeCompressor(BaseSpikeCompressor):
@@ -276,7 +276,7 @@ class Uint8SpikeCompressor(BaseSpikeCompressor):
         return u, (torch.ne(s, u).any() if self.check else None)
 
     def _decompress(self, payload, shape, dtype):
-        return payload.to(dtype).view(shape)
+        return payload.to(dtype).reshape(shape)  # the payload keeps the input's strides
 
 
 _BIT_CHUNK = 1 << 18  # elements per numpy call: numpy's temporaries stay small and in cache

@@ -688,3 +688,202 @@ def test_recompute_takes_from_the_payload_by_storage_identity_not_address():
     with hooks:
         saved_z = (z * w[:32]).sum().grad_fn.next_functions[0][0]._saved_self
     assert saved_z.data_ptr() == z.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place first modules, integer chunked inputs, partial backward, nested arguments, frozen
+# parameters and double backward: each against the plain network (or a clear error).
+# ---------------------------------------------------------------------------------------------
+def _pre_post():
+    torch.manual_seed(0)
+    return nn.Linear(4, 4).double(), nn.Linear(4, 3).double()
+
+
+def _in_place_step(make, x, pre, residual=False, x_grad=True):
+    """Outputs and every gradient of ``pre -> make() (-> + residual use of its input)``."""
+    pre = copy.deepcopy(pre)
+    block = make()
+    h = pre(x) if x_grad else x.clone()
+    out = block(h)
+    if residual:
+        out = out + h[..., :3]  # h was written in place by the block
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * g).sum().backward()
+    return [out.detach(), *[p.grad for p in (*pre.parameters(), *block.parameters())]]
+
+
+class _Ones(nn.Module):
+    """``x * 1`` with a parameter: binary values stay binary, and the result requires grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize("comp", COMPRESSORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", ["x-grad", "residual", "no-x-grad", "only-module"])
+def test_in_place_first_module_is_exact(comp, case):
+    pre, post = _pre_post()
+    x = torch.randn(T, N, 4, dtype=torch.float64)
+    if comp in (BooleanSpikeCompressor, BitSpikeCompressor, Uint8SpikeCompressor):
+        pre, x = _Ones(), _spikes(T, N, 4, dtype=torch.float64)  # values these compressors store
+    mods = lambda: [nn.LeakyReLU(0.1, inplace=True)] + ([] if case == "only-module" else [copy.deepcopy(post)])
+    kw = dict(residual=case == "residual", x_grad=case != "no-x-grad")
+    ref = _in_place_step(lambda: nn.Sequential(*mods()), x, pre, **kw)
+    got = _in_place_step(lambda: GCContainer(comp(), *mods()), x, pre, **kw)
+    assert len(ref) == len(got)
+    for u, v in zip(ref, got):
+        assert (u is None and v is None) or torch.equal(u, v), (u - v).abs().max()
+
+
+def test_in_place_first_module_copies_only_then_and_survives_retain_graph():
+    seen = []
+
+    class Spy(NullSpikeCompressor):
+        def _compress(self, s):
+            seen.append(s)
+            return s
+
+    _, post = _pre_post()
+    x = torch.randn(T, N, 4, dtype=torch.float64)
+    GCContainer(Spy(), nn.LeakyReLU(0.1), copy.deepcopy(post))(x)
+    assert seen.pop() is x  # no copy in the common case
+    results = []
+    for block in (nn.Sequential, lambda *m: GCContainer(Spy(), *m)):
+        net = block(nn.LeakyReLU(0.1, inplace=True), copy.deepcopy(post))
+        loss = net(x.clone()).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        results.append(net[1].weight.grad)
+    assert seen.pop() is not x and torch.equal(*results)
+
+
+class _Twice(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+def test_in_place_write_without_inplace_attribute():
+    _, post = _pre_post()
+    x = torch.randn(T, N, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="modified its input x_seq in place.*SparseSpikeCompressor"):
+        GCContainer(None, _Twice(), copy.deepcopy(post))(x.clone())
+    ref = _in_place_step(lambda: nn.Sequential(_Twice(), copy.deepcopy(post)), x, nn.Identity(), x_grad=False)
+    got = _in_place_step(lambda: GCContainer(SparseSpikeCompressor(), _Twice(), copy.deepcopy(post)), x, nn.Identity(), x_grad=False)
+    for u, v in zip(ref, got):
+        assert torch.equal(u, v)
+
+
+def test_tc_in_place_first_module():
+    pre, post = _pre_post()
+    x = torch.randn(T, N, 4, dtype=torch.float64)
+    # Same chunks, out of place vs in place: the same bits; with an input that requires grad, an error.
+    make = lambda inplace: TCGCContainer(None, nn.LeakyReLU(0.1, inplace=inplace), copy.deepcopy(post), n_chunk=3)
+    ref = _in_place_step(lambda: make(False), x, pre, x_grad=False)
+    got = _in_place_step(lambda: make(True), x, pre, x_grad=False)
+    for u, v in zip(ref, got):
+        assert (u is None and v is None) or torch.equal(u, v)
+    with pytest.raises(RuntimeError, match="TCGCContainer modified its input in place"):
+        _in_place_step(lambda: make(True), x, pre)
+
+
+class _ToDouble(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+@pytest.mark.parametrize("n_chunk", [1, 3])
+@pytest.mark.parametrize("kind", ["int", "bool"])
+def test_tc_integer_and_bool_inputs_give_parameter_gradients(n_chunk, kind):
+    torch.manual_seed(0)
+    if kind == "int":
+        mods, x = [layer.SeqToANNContainer(nn.Embedding(10, 4).double())], torch.randint(0, 10, (T, N))
+    else:
+        mods, x = [_ToDouble(), layer.Linear(4, 3, step_mode="m").double()], torch.rand(T, N, 4) > 0.5
+    plain = nn.Sequential(*mods)
+    tc = TCGCContainer(None, *copy.deepcopy(mods), n_chunk=n_chunk)
+    for net in (plain, tc):
+        (net(x) * torch.arange(1.0, 1 + T).view(T, 1, *[1] * (2 if kind == "int" else 1))).sum().backward()
+    for p, q in zip(plain.parameters(), tc.parameters()):
+        assert q.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = layer.Linear(5, 4, step_mode="m")
+
+    def forward(self, x, scale):
+        return self.lin(x) * scale
+
+
+@pytest.mark.parametrize("partial", ["autograd.grad", "backward-inputs"])
+def test_tc_partial_backward_leaves_no_stale_parameter_gradients(partial):
+    torch.manual_seed(0)
+    plain = _Scaled().double()
+    tc = TCGCContainer(None, copy.deepcopy(plain), n_chunk=2)
+    x = _spikes(T, N, 5, dtype=torch.float64)
+    results = []
+    for net in (plain, tc):
+        scale = torch.full((4,), 1.5, dtype=torch.float64, requires_grad=True)
+        loss = (net(x, scale) * torch.arange(1.0, 1 + T).view(T, 1, 1)).sum()
+        if partial == "autograd.grad":
+            torch.autograd.grad(loss, [scale], retain_graph=True)
+        else:
+            loss.backward(inputs=[scale], retain_graph=True)
+        loss.backward()
+        results.append([scale.grad, *[p.grad for p in net.parameters()]])
+    for u, v in zip(*results):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
+
+
+def test_double_backward_raises():
+    torch.manual_seed(0)
+    gc = GCContainer(None, nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    out = gc(x).sum() + (x**3).sum()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(out, x, create_graph=True)
+    gc(x).sum().backward()  # first order still works
+    assert gc[0].weight.grad is not None
+
+
+class _AddSkips(nn.Module):
+    def forward(self, x, skips, extra):
+        return x + (skips[0] + skips[1][0]) * extra["w"]
+
+
+def test_tensors_in_nested_arguments_get_gradients():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    inputs = torch.randn(4, 2, 4, dtype=torch.float64)
+    results = []
+    for gc in (False, True):
+        x, a, b, w = (t.clone().requires_grad_() for t in inputs)
+        net = (GCContainer(None, _AddSkips(), copy.deepcopy(lin)) if gc else nn.Sequential(_AddSkips(), copy.deepcopy(lin)))
+        out = net(x, [a, (b,)], {"w": w}) if gc else net[1](net[0](x, [a, (b,)], {"w": w}))
+        (out * torch.arange(1.0, 7).view(2, 3)).sum().backward()
+        results.append([out, x.grad, a.grad, b.grad, w.grad, *[p.grad for p in net.parameters()]])
+    for u, v in zip(*results):
+        assert v is not None and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("container", ["gc", "tc"])
+def test_parameter_frozen_between_forward_and_backward(container):
+    torch.manual_seed(0)
+    mods = [layer.Linear(5, 4, step_mode="m").double(), layer.Linear(4, 3, step_mode="m").double()]
+    wrap = (lambda *m: GCContainer(None, *m)) if container == "gc" else (lambda *m: TCGCContainer(None, *m, n_chunk=2))
+    x = _spikes(T, N, 5, dtype=torch.float64)
+    results = []
+    for net in (nn.Sequential(*copy.deepcopy(mods)), wrap(*copy.deepcopy(mods))):
+        out = net(x)
+        net[0].weight.requires_grad_(False)
+        out.sum().backward()
+        results.append([p.grad for p in net.parameters()])
+    assert results[0][0] is None and results[1][0] is None
+    for u, v in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-12)

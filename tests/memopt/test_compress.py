@@ -178,3 +178,9 @@ def test_flag_catches_values_next_to_zero_and_one(dtype):
         s[4] = v
         with pytest.raises(ValueError, match="BitSpikeCompressor"):
             BitSpikeCompressor().decompress(BitSpikeCompressor().compress(s))
+
+
+@pytest.mark.parametrize("comp", ALL, ids=lambda c: c.__name__)
+def test_decompress_non_contiguous_input_to_another_shape(comp):
+    s = (torch.rand(4, 3, 2) > 0.5).float().transpose(1, 2)
+    assert torch.equal(comp().decompress(comp().compress(s), (4, 6)), s.reshape(4, 6))
