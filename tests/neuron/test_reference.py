@@ -54,9 +54,8 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS)
-def test_multistep_matches_hand_written_bptt(kind, decay_input, v_reset, detach_reset, sg_name):
-    sg = getattr(surrogate, sg_name)()
+def _assert_multistep_matches_numpy(sg, sg_name, kind, decay_input, v_reset, detach_reset):
+    """Spikes, final state and gradients of :func:`multistep` against :func:`numpy_bptt` (float64)."""
     p = NeuronParams(kind, 1.0, v_reset, detach_reset, sg, tau=1.7, decay_input=decay_input)
     x = torch.rand(7, 3, 4, dtype=torch.float64) * 2.4 - 0.3
     v0 = torch.rand(3, 4, dtype=torch.float64) * 0.4
@@ -71,6 +70,11 @@ def test_multistep_matches_hand_written_bptt(kind, decay_input, v_reset, detach_
     np.testing.assert_allclose(x.grad.numpy(), ref[2], atol=1e-12)
     np.testing.assert_allclose(v0.grad.numpy(), ref[3], atol=1e-12)
     assert spikes.sum() > 0 and (spikes == 0).sum() > 0  # the test exercises both branches
+
+
+@pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS)
+def test_multistep_matches_hand_written_bptt(kind, decay_input, v_reset, detach_reset, sg_name):
+    _assert_multistep_matches_numpy(getattr(surrogate, sg_name)(), sg_name, kind, decay_input, v_reset, detach_reset)
 
 
 @pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS[::3])
@@ -191,19 +195,7 @@ CUSTOM = {"Rect": _RectByDerivative, "ATan": _ATanIgnoringInplace, "Sigmoid": _S
 @pytest.mark.parametrize("sg_name", list(CUSTOM))
 @pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset", list(dict.fromkeys(c[:4] for c in CONFIGS)))
 def test_multistep_gradients_with_custom_surrogate_derivatives(kind, decay_input, v_reset, detach_reset, sg_name):
-    sg = CUSTOM[sg_name](1.5)
-    p = NeuronParams(kind, 1.0, v_reset, detach_reset, sg, tau=1.7, decay_input=decay_input)
-    x = torch.rand(7, 3, 4, dtype=torch.float64) * 2.4 - 0.3
-    v0 = torch.rand(3, 4, dtype=torch.float64) * 0.4
-    grad_s, grad_v = torch.randn(7, 3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    x.requires_grad_(), v0.requires_grad_()
-    spikes, v_last = multistep(x, v0, p)
-    (spikes * grad_s).sum().add((v_last * grad_v).sum()).backward()
-    ref = numpy_bptt(x.detach().numpy(), v0.detach().numpy(), kind, 1.7, decay_input, 1.0, v_reset,
-                     detach_reset, sg_name, 1.5, grad_s.numpy(), grad_v.numpy())
-    np.testing.assert_array_equal(spikes.detach().numpy(), ref[0])
-    np.testing.assert_allclose(x.grad.numpy(), ref[2], atol=1e-12)
-    np.testing.assert_allclose(v0.grad.numpy(), ref[3], atol=1e-12)
+    _assert_multistep_matches_numpy(CUSTOM[sg_name](1.5), sg_name, kind, decay_input, v_reset, detach_reset)
 
 
 @pytest.mark.parametrize("kind,decay_input,v_reset,detach_reset,sg_name", CONFIGS[::5])
