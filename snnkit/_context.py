@@ -1,8 +1,9 @@
 """Thread-local flags shared by memopt and GC-aware layers (a leaf module).
 
-``memopt`` sets the flag while it runs the first (no-grad) forward of a
-checkpointed segment; layers with side effects (BatchNorm running statistics)
-read it without importing ``memopt``.
+``memopt`` sets one flag while it runs the first (no-grad) forward of a
+checkpointed segment and another while it recomputes a segment in backward;
+modules with side effects (BatchNorm running statistics, a neuron's ``v_seq``)
+read them without importing ``memopt``.
 """
 import contextlib
 import threading
@@ -32,3 +33,24 @@ def gc_1st_forward():
         yield
     finally:
         _local.depth -= 1
+
+
+def in_gc_recompute() -> bool:
+    """Return True inside the recompute of a GC segment (backward), nested segments' forwards included.
+
+    Example:
+        >>> from snnkit._context import in_gc_recompute
+        >>> in_gc_recompute()
+        False
+    """
+    return getattr(_local, "recompute_depth", 0) > 0
+
+
+@contextlib.contextmanager
+def gc_recompute():
+    """Mark the enclosed code as the recompute of a GC segment."""
+    _local.recompute_depth = getattr(_local, "recompute_depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.recompute_depth -= 1

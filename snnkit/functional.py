@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .base import MemoryModule, StepModule, _check_step_mode
 from .neuron import BaseNode
+from .neuron.nodes import _check_backend
 
 __all__ = ["reset_net", "set_step_mode", "set_backend", "detach_net"]
 
@@ -43,6 +44,7 @@ def set_backend(net: nn.Module, backend: str, instance=BaseNode) -> None:
         ValueError: for an unknown backend.
         RuntimeError: for ``"cupy"`` without CuPy or a CUDA device.
     """
+    _check_backend(backend)  # also when the net has no neuron
     for m in net.modules():
         if isinstance(m, instance):
             m.backend = backend

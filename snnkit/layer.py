@@ -4,11 +4,13 @@ In ``"m"`` mode a stateless layer gets ``[T, N, *]``, runs once on the flattened
 ``[T * N, *]`` batch and returns ``[T, N, *]``. :class:`Dropout` keeps one mask
 for all time steps (until :func:`~snnkit.functional.reset_net`).
 
-BatchNorm is GC-aware (see :mod:`snnkit.memopt`): inside the first, no-grad
-forward of a checkpointed segment it normalises with the batch statistics
-without touching the running statistics; the recompute in backward then runs
-an ordinary training forward, which updates ``running_mean``, ``running_var``
-and ``num_batches_tracked`` exactly once per step, as a plain step does.
+BatchNorm is GC-aware (see :mod:`snnkit.memopt`): the first forward of a
+checkpointed segment is an ordinary training forward, which updates
+``running_mean``, ``running_var`` and ``num_batches_tracked`` in the order of a
+plain step; the recompute in backward normalises with the same batch
+statistics without touching the running ones, so they move exactly once per
+step (also when a backward runs twice, or single steps are recomputed in
+reverse order).
 
 :class:`MaxPool2d` and :class:`AvgPool2d` keep no input for backward where
 their windows do not overlap (indices for max pooling, nothing for average
@@ -20,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _pool
-from ._context import in_gc_1st_forward
+from ._context import in_gc_recompute
 from .base import MemoryModule, StepModule
 
 __all__ = [
@@ -47,7 +49,10 @@ def _seq_to_ann(fn, x_seq: torch.Tensor, name: str, m_dims) -> torch.Tensor:
     if x_seq.dim() < 2:
         raise ValueError(f"{name} in step_mode='m' expects a sequence [T, N, ...], got shape {tuple(x_seq.shape)}")
     y = fn(x_seq.flatten(0, 1))
-    return y.view(x_seq.shape[0], x_seq.shape[1], *y.shape[1:])
+    t, n = x_seq.shape[:2]
+    if isinstance(y, tuple):  # e.g. a pool with return_indices=True
+        return tuple(part.view(t, n, *part.shape[1:]) for part in y)
+    return y.view(t, n, *y.shape[1:])
 
 
 class SeqToANNContainer(nn.Sequential):
@@ -181,11 +186,11 @@ AvgPool2d = _step_layer(
 
 
 class _GCAwareBatchNorm(_StepLayer):
-    """Skip the running-statistics update in the first forward of a GC segment."""
+    """Skip the running-statistics update in the recompute of a GC segment."""
 
     def _bn_forward(self, x):
-        if self.training and self.track_running_stats and in_gc_1st_forward():
-            # Same output as a training forward; the recompute updates the statistics.
+        if self.training and self.track_running_stats and in_gc_recompute():
+            # Same output as a training forward; the first forward updated the statistics.
             self._check_input_dim(x)
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return nn.modules.batchnorm._BatchNorm.forward(self, x)
@@ -240,6 +245,8 @@ class Dropout(MemoryModule):
     Args:
         p: Probability of an element being zeroed.
         step_mode: ``"s"`` or ``"m"``.
+        inplace: Accepted as :class:`torch.nn.Dropout` takes it; the mask is
+            applied out of place either way.
 
     Example:
         >>> import torch
@@ -250,8 +257,9 @@ class Dropout(MemoryModule):
         True
     """
 
-    def __init__(self, p: float = 0.5, step_mode: str = "s"):
+    def __init__(self, p: float = 0.5, step_mode: str = "s", *, inplace: bool = False):
         super().__init__(step_mode)
+        self.inplace = inplace  # accepted as torch.nn.Dropout takes it; the mask is applied out of place
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability must be in [0, 1), got {p!r}")
         self.p = p

@@ -45,3 +45,8 @@ def test_set_backend_only_touches_instances():
     functional.set_backend(net, "torch", instance=neuron.LIFNode)
     with pytest.raises(ValueError, match="backend must be one of"):
         functional.set_backend(net, "numpy")
+
+
+def test_set_backend_checks_the_name_on_a_net_without_neurons():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        functional.set_backend(nn.Linear(2, 2), "bogus")

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from snnkit import functional, layer
-from snnkit._context import gc_1st_forward
+from snnkit._context import gc_1st_forward, gc_recompute
 
 
 @pytest.mark.parametrize(
@@ -182,15 +182,18 @@ def test_multi_step_shape_errors():
         layer.Linear(2, 2, step_mode="x")
 
 
-def test_batchnorm_skips_stats_in_gc_first_forward_only():
+def test_batchnorm_skips_stats_in_gc_recompute_only():
     bn = layer.BatchNorm2d(3, step_mode="m")
     x = torch.randn(2, 4, 3, 4, 4)
     with torch.no_grad(), gc_1st_forward():
         y_first = bn(x)
-    assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_mean, torch.zeros(3))
-    y = bn(x)
-    torch.testing.assert_close(y, y_first)
-    assert bn.num_batches_tracked.item() == 1
+    assert bn.num_batches_tracked.item() == 1 and not torch.equal(bn.running_mean, torch.zeros(3))
+    stats = bn.running_mean.clone(), bn.running_var.clone()
+    with gc_recompute():
+        y = bn(x)
+    assert torch.equal(y, y_first)  # the same batch statistics
+    assert bn.num_batches_tracked.item() == 1 and torch.equal(bn.running_mean, stats[0])
+    assert torch.equal(bn.running_var, stats[1])
 
 
 def test_dropout_mask_shared_over_time_until_reset():
@@ -206,3 +209,19 @@ def test_dropout_mask_shared_over_time_until_reset():
     assert torch.equal(d(torch.ones(4, 3, 50)), torch.ones(4, 3, 50))
     with pytest.raises(ValueError, match="Dropout probability"):
         layer.Dropout(1.0)
+
+
+def test_dropout_takes_torch_inplace_argument_keyword_only():
+    d = layer.Dropout(0.5, "m", inplace=True)
+    x = torch.ones(3, 2, 4)
+    y = d(x)
+    assert d.step_mode == "m" and torch.equal(x, torch.ones(3, 2, 4))  # out of place either way
+    assert torch.equal(y[0], y[2])
+
+
+def test_multi_step_max_pool_with_indices_returns_both_as_sequences():
+    x = torch.randn(3, 2, 1, 4, 4)
+    out, idx = layer.MaxPool2d(2, return_indices=True, step_mode="m")(x)
+    ref_out, ref_idx = nn.MaxPool2d(2, return_indices=True)(x.flatten(0, 1))
+    assert out.shape == (3, 2, 1, 2, 2) and torch.equal(out.flatten(0, 1), ref_out)
+    assert torch.equal(idx.flatten(0, 1), ref_idx)

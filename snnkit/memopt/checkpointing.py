@@ -29,14 +29,18 @@ NOTE [ Invariants of a GC segment ]
        memories it had when backward started (those of the latest forward).
     4. Side effects happen once: the first forward runs inside
        :func:`snnkit._context.gc_1st_forward`, so :func:`in_gc_1st_forward` is
-       True there and False in the recompute. :class:`snnkit.layer.BatchNorm1d`
-       and ``BatchNorm2d`` skip the running-statistics update in the first forward
-       (normalising with the batch statistics, as in training) and update
-       ``running_mean``, ``running_var`` and ``num_batches_tracked`` in the
-       recompute, exactly once per training step. A step whose backward never
-       runs therefore leaves the statistics unchanged. (``torch.nn.BatchNorm``
-       modules would update twice; use the snnkit layers inside GC segments.
-       A :class:`GCContainer` built around one that tracks statistics warns.)
+       True there and False in the recompute, which runs inside
+       :func:`snnkit._context.gc_recompute`. :class:`snnkit.layer.BatchNorm1d`
+       and ``BatchNorm2d`` update ``running_mean``, ``running_var`` and
+       ``num_batches_tracked`` in the first forward, in the order of a plain
+       step, and normalise with the batch statistics without updating in the
+       recompute: exactly once per training step, also when a backward runs
+       twice (``retain_graph``) or single steps are recomputed in reverse order.
+       (``torch.nn.BatchNorm`` modules would update twice; use the snnkit layers
+       inside GC segments. A :class:`GCContainer` built around one that tracks
+       statistics warns.) A neuron's ``v_seq`` (``store_v_seq=True``) is set by
+       the first forward only, without a graph (it is no output of the segment),
+       and in a :class:`TCGCContainer` holds the last chunk only; the neuron warns.
     5. The caller's tensors are never modified (no ``requires_grad_`` on inputs;
        only an in-place first module writes into its input, as without GC).
        The parameters of the modules of a segment are explicit inputs of the
@@ -129,7 +133,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import base
 from ..layer import BatchNorm1d, BatchNorm2d, SeqToANNContainer
-from .._context import gc_1st_forward, in_gc_1st_forward
+from .._context import gc_1st_forward, gc_recompute, in_gc_1st_forward
 from .compress import BaseSpikeCompressor, CompressedSpikes, NullSpikeCompressor
 
 __all__ = [
@@ -158,10 +162,13 @@ def query_autocast() -> Tuple[str, torch.dtype, bool]:
         ...     query_autocast()
         ('cpu', torch.bfloat16, True)
     """
-    for device_type in ("cuda", "cpu"):
-        if torch.is_autocast_enabled(device_type):
+    for device_type in _AUTOCAST_DEVICES:
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             return device_type, torch.get_autocast_dtype(device_type), True
     return "cpu", torch.get_autocast_dtype("cpu"), False
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu", "xla", "mtia")
 
 
 def _as_compressor(x_compressor) -> BaseSpikeCompressor:
@@ -208,6 +215,7 @@ class _Context:
             for dt, enabled, dtype, cache in self.autocast:
                 stack.enter_context(torch.autocast(dt, dtype=dtype, enabled=enabled, cache_enabled=cache))
             stack.enter_context(torch.enable_grad())
+            stack.enter_context(gc_recompute())
             yield
 
 

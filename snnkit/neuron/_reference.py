@@ -165,6 +165,16 @@ def _graph_kept() -> bool:
     return _is_compiling() or _keeps_graph()
 
 
+def _no_double_backward() -> None:
+    """Raise in a hand-written backward asked for a graph (``create_graph=True``): it has none to give."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "snnkit: the multi-step neuron has a hand-written first-order backward, so double backward "
+            "(create_graph=True, e.g. a gradient penalty) would miss its second-order terms; "
+            "compute such penalties without the neurons in the graph"
+        )
+
+
 class _MultiStep(torch.autograd.Function):
     # Full-size temporaries are few and updated in place: on CPU a fresh
     # [T, N, *] allocation costs more than the arithmetic on it.
@@ -177,6 +187,7 @@ class _MultiStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spike_seq, grad_v):
+        _no_double_backward()
         # BPTT, t = T-1 .. 0, with g[t] the gradient reaching V[t]:
         #   grad_h[t] = grad_s[t] sg[t] + dV[t]/dH[t] g[t]
         #   g[t-1]    = leak grad_h[t] (+ grad of v_seq[t-1] when stored)

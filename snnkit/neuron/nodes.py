@@ -1,11 +1,13 @@
 """IF and LIF neuron modules: thin wrappers around :mod:`snnkit.neuron._reference`."""
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
 
 from .. import surrogate as _surrogate
+from .._context import in_gc_1st_forward, in_gc_recompute
 from ..base import MemoryModule
 from . import _reference
 
@@ -131,17 +133,32 @@ class BaseNode(MemoryModule):
         if self.backend == "cupy":
             from ._cuda import ops
 
-            v = self._initial_v(x_seq[0])
-            spike_seq, v_out = ops.multistep(x_seq, v, self._params(), self.store_v_seq)
+            v = self._initial_v(x_seq[0])  # the kernels take contiguous tensors, as the torch backend takes any
+            spike_seq, v_out = ops.multistep(x_seq.contiguous(), v.contiguous(), self._params(), self.store_v_seq)
         else:
             # A fresh (float) state stays a float: multistep expands it for the first step only.
             v = self.v if not isinstance(self.v, torch.Tensor) else self._initial_v(x_seq[0])
             spike_seq, v_out = _reference.multistep(x_seq, v, self._params(), self.store_v_seq)
         if self.store_v_seq:
-            self.v_seq = v_out
+            self._set_v_seq(v_out)
             v_out = v_out[-1]
         self.v = v_out
         return spike_seq
+
+    def _set_v_seq(self, v_seq: torch.Tensor) -> None:
+        """Keep ``v_seq``: from a plain forward, or the first forward of a GC segment (never its recompute)."""
+        if in_gc_recompute():
+            return
+        if in_gc_1st_forward() and not getattr(self, "_warned_gc_v_seq", False):
+            self._warned_gc_v_seq = True
+            warnings.warn(
+                f"{type(self).__name__}(store_v_seq=True) inside a GC segment: v_seq is recorded without a "
+                "gradient (it is not an output of the segment), and in a TCGCContainer it holds the last chunk "
+                "only; keep nodes whose v_seq you train on or read outside GC segments",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.v_seq = v_seq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "m":

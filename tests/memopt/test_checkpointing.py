@@ -117,11 +117,52 @@ def test_conv_bn_stack_and_running_stats(comp):
         assert torch.equal(bp[1].running_var, bg[1].running_var)
 
 
-def test_bn_stats_unchanged_by_first_forward_alone():
-    gc = GCContainer(None, layer.BatchNorm1d(3, step_mode="m"), neuron.IFNode(step_mode="m"))
+def _bn_stats(bn):
+    return int(bn.num_batches_tracked), bn.running_mean.clone(), bn.running_var.clone()
+
+
+def _assert_same_stats(a, b):
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_bn_stats_move_in_the_forward_as_in_a_plain_step():
+    # a forward alone (no backward) updates the statistics once, as a plain forward does
+    torch.manual_seed(0)
+    plain = nn.Sequential(layer.BatchNorm1d(3, step_mode="m"), neuron.IFNode(step_mode="m"))
+    gc = GCContainer(None, *copy.deepcopy(list(plain)))
     x = torch.randn(4, 5, 3, requires_grad=True)
-    gc(x)
-    assert int(gc[0].num_batches_tracked) == 0 and torch.equal(gc[0].running_mean, torch.zeros(3))
+    plain(x), gc(x)
+    _assert_same_stats(_bn_stats(plain[0]), _bn_stats(gc[0]))
+    assert _bn_stats(gc[0])[0] == 1
+
+
+def test_bn_stats_of_single_steps_move_in_forward_order_once():
+    # T single-step calls are recomputed last to first: the moving average must still see t = 0, 1, ...
+    torch.manual_seed(0)
+    plain = nn.Sequential(layer.Linear(3, 3), layer.BatchNorm1d(3), neuron.IFNode(v_threshold=0.3))
+    gc = GCContainer(None, *copy.deepcopy(list(plain)))
+    xs = torch.randn(6, 5, 3)
+    for net in (plain, gc):
+        sum(net(x).sum() for x in xs).backward()
+    _assert_same_stats(_bn_stats(plain[1]), _bn_stats(gc[1]))
+    assert _bn_stats(gc[1])[0] == 6
+
+
+@pytest.mark.parametrize("second", ["retain_graph", "autograd.grad"])
+def test_bn_stats_move_once_when_backward_runs_twice(second):
+    torch.manual_seed(0)
+    plain = nn.Sequential(layer.BatchNorm1d(3, step_mode="m"), neuron.IFNode(step_mode="m"))
+    gc = GCContainer(None, *copy.deepcopy(list(plain)))
+    x = torch.randn(4, 5, 3, requires_grad=True)
+    for net in (plain, gc):
+        loss = net(x).sum()
+        if second == "retain_graph":
+            loss.backward(retain_graph=True)
+            loss.backward()
+        else:
+            torch.autograd.grad(loss, x, retain_graph=True)
+            torch.autograd.grad(loss, x)
+    _assert_same_stats(_bn_stats(plain[0]), _bn_stats(gc[0]))
 
 
 def test_state_flows_across_two_m_calls_and_tbptt():
@@ -887,3 +928,10 @@ def test_parameter_frozen_between_forward_and_backward(container):
     assert results[0][0] is None and results[1][0] is None
     for u, v in zip(results[0][1:], results[1][1:]):
         torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
+
+
+def test_query_autocast_sees_devices_other_than_cpu_and_cuda():
+    if not torch.amp.is_autocast_available("xpu"):
+        pytest.skip("this torch build has no xpu autocast")
+    with torch.autocast("xpu", dtype=torch.float16):
+        assert query_autocast() == ("xpu", torch.float16, True)

@@ -247,3 +247,27 @@ def test_numpy_scalar_hyper_parameters_are_accepted():
     assert torch.equal(ours(x), plain(x)) and type(ours.tau) is float and ours.surrogate_function.alpha == 2.0
     with pytest.raises(ValueError, match="v_threshold must be a finite number"):
         neuron.IFNode(v_threshold=np.float32("nan"))
+
+
+@pytest.mark.parametrize("node", [neuron.IFNode, neuron.LIFNode])
+def test_multistep_neuron_double_backward_raises(node):
+    n = node(step_mode="m")
+    x = (torch.rand(4, 3, 5, dtype=torch.float64) * 2).requires_grad_()
+    out = n(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((out * torch.randn_like(out)).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("chunks", [0, 3])  # 0: a GCContainer, else a TCGCContainer of that many chunks
+def test_v_seq_inside_gc_warns_and_the_recompute_leaves_it_alone(chunks):
+    from snnkit.memopt import GCContainer, TCGCContainer
+
+    node = neuron.LIFNode(step_mode="m", store_v_seq=True)
+    seg = TCGCContainer(None, node, n_chunk=chunks) if chunks else GCContainer(None, node)
+    x = torch.rand(6, 2, 3, requires_grad=True) * 2
+    with pytest.warns(UserWarning, match="v_seq is recorded without a gradient"):
+        out = seg(x)
+    after_forward = node.v_seq.clone()
+    assert after_forward.shape[0] == (6 // chunks if chunks else 6)  # a TCGCContainer keeps its last chunk
+    out.sum().backward()
+    assert torch.equal(node.v_seq, after_forward)  # not the recompute's (first) chunk
