@@ -6,11 +6,13 @@ its other tensor arguments, the states it started from and the RNG/autocast
 context, and recomputes the forward with a graph when backward reaches it.
 
 NOTE [ Invariants of a GC segment ]
-    1. Exactness: outputs, final states and all gradients equal those of the
-       plain (uncheckpointed) run: the recompute replays the CPU RNG state, the
-       CUDA RNG states of the devices of the argument tensors (no other device is
-       touched, so no CUDA context is created by accident), and the autocast
-       state of the first forward.
+    1. Exactness: outputs, final states and all gradients equal those of the plain
+       (uncheckpointed) run bit for bit (in a :class:`TCGCContainer` of several
+       chunks, parameter gradients are summed chunk by chunk and equal the plain
+       ones to float rounding): the recompute replays the CPU RNG state, the CUDA
+       RNG states of the devices of the argument tensors (no other device is
+       touched, so no CUDA context is created by accident), and the autocast state
+       of the first forward.
     2. State is explicit: with stateful modules inside, the memories (taken with
        :func:`snnkit.base.extract_memories`) enter the checkpointed function as
        inputs and leave it as outputs. Gradients therefore flow through the
@@ -28,31 +30,33 @@ NOTE [ Invariants of a GC segment ]
        recomputed final states can be freed) every module gets back the
        memories it had when backward started (those of the latest forward).
     4. Side effects happen once: the first forward runs inside
-       :func:`snnkit._context.gc_1st_forward`, so :func:`in_gc_1st_forward` is
-       True there and False in the recompute, which runs inside
-       :func:`snnkit._context.gc_recompute`. :class:`snnkit.layer.BatchNorm1d`
-       and ``BatchNorm2d`` update ``running_mean``, ``running_var`` and
-       ``num_batches_tracked`` in the first forward, in the order of a plain
-       step, and normalise with the batch statistics without updating in the
-       recompute: exactly once per training step, also when a backward runs
-       twice (``retain_graph``) or single steps are recomputed in reverse order.
-       (``torch.nn.BatchNorm`` modules would update twice; use the snnkit layers
-       inside GC segments. A :class:`GCContainer` built around one that tracks
-       statistics warns.) A neuron's ``v_seq`` (``store_v_seq=True``) is set by
-       the first forward only, without a graph (it is no output of the segment),
-       and in a :class:`TCGCContainer` holds the last chunk only; the neuron warns.
+       ``snnkit._context.gc_1st_forward()``, so
+       :func:`~snnkit.memopt.in_gc_1st_forward` is True there and False in the
+       recompute, which runs inside ``snnkit._context.gc_recompute()``.
+       :class:`snnkit.layer.BatchNorm1d` and ``BatchNorm2d`` update
+       ``running_mean``, ``running_var`` and ``num_batches_tracked`` in the first
+       forward, in the order of a plain step, and normalise with the batch
+       statistics without updating in the recompute: exactly once per training step,
+       also when a backward runs twice (``retain_graph``) or single steps are
+       recomputed in reverse order. (``torch.nn.BatchNorm`` modules would update
+       twice; use the snnkit layers inside GC segments. A :class:`GCContainer` built
+       around one that tracks statistics warns.) A neuron's ``v_seq``
+       (``store_v_seq=True``) is set by the first forward only, without a graph (it
+       is no output of the segment), and in a :class:`TCGCContainer` holds the last
+       chunk only; the neuron warns.
     5. The caller's tensors are never modified (no ``requires_grad_`` on inputs;
        only an in-place first module writes into its input, as without GC).
        The parameters of the modules of a segment are explicit inputs of the
        checkpointed function, so it works without any input requiring grad; one
        frozen between forward and backward gets no gradient, as in autograd.
        Tensors nested in list, tuple or dict arguments are inputs too.
-    6. In-place first modules: the input is compressed before the first forward
-       writes into it. :class:`NullSpikeCompressor` keeps the input itself, so it
-       is copied first when the first module has ``inplace=True`` (``nn.ReLU``,
-       ...); any other write into it raises. The written input is marked as
-       modified by the segment, so its later uses get their gradients through it.
-       (:class:`TCGCContainer` raises if its input requires grad: chunks are views.)
+    6. In-place first modules: the input is compressed before the first forward writes
+       into it. :class:`~snnkit.memopt.NullSpikeCompressor` keeps the input itself,
+       so it is copied first when the first module has ``inplace=True``
+       (``nn.ReLU``, ...); any other write into it raises. The written input is
+       marked as modified by the segment, so its later uses get their gradients
+       through it. (:class:`TCGCContainer` raises if its input requires grad: chunks
+       are views.)
     7. No double backward: with ``create_graph=True`` a segment's backward raises,
        since the compressed input has no graph for the second-order terms.
 
@@ -60,7 +64,7 @@ Implementation and distributed training:
     The segment is a custom :class:`torch.autograd.Function` whose backward
     recomputes the forward and runs a nested ("reentrant") autograd pass over the
     recomputed graph. For modules (:class:`GCContainer`, or a module/bound method
-    given to :func:`input_compressed_gc`) the nested pass is
+    given to :func:`~snnkit.memopt.input_compressed_gc`) the nested pass is
     :func:`torch.autograd.grad` with the parameters among its inputs: it captures
     their gradients without running their accumulators, so nothing inside it
     touches ``.grad`` or fires a hook. The gradients leave the segment's backward

@@ -1,12 +1,12 @@
-"""Turn GC on per block (:func:`apply_gc`) and plan it automatically (:func:`memory_optimization`).
+"""Turn GC on per block (``apply_gc``) and plan it automatically (``memory_optimization``).
 
-:func:`apply_gc` wraps every block of the given types in a
+:func:`~snnkit.memopt.apply_gc` wraps every block of the given types in a
 :class:`~snnkit.memopt.GCContainer` and picks its input compressor by probing
 the block's input once (binary spikes -> :class:`~snnkit.memopt.BitSpikeCompressor`,
 anything else -> :class:`~snnkit.memopt.NullSpikeCompressor`).
-:func:`unwrap_gc` puts the original blocks back.
+:func:`~snnkit.memopt.unwrap_gc` puts the original blocks back.
 
-:func:`memory_optimization` goes further, in four levels:
+:func:`~snnkit.memopt.memory_optimization` goes further, in four levels:
 
 1. layer-wise GC (every block a GC segment),
 2. spatial split of the segment that holds the peak (``nn.Sequential`` children,
@@ -91,7 +91,9 @@ segments of 4 chunks, in the recompute of a chunk of blocks 2-3):
   no plan of this kind can reach 6x on it.
 
 Exactness: GC and spatial splits reproduce the plain gradients exactly. A
-temporal split computes BatchNorm batch statistics per chunk of time steps, so
+temporal split sums each parameter's gradient chunk by chunk, so its gradients
+equal the plain ones to float rounding only (without BatchNorm, outputs and final
+states are exact). It computes BatchNorm batch statistics per chunk of time steps, so
 with BatchNorm in training mode inside a temporally split block outputs and
 gradients differ from the plain net (as with any per-chunk normalisation);
 pass ``temporal=False`` to rule temporal splits out.
@@ -102,8 +104,8 @@ does not override ``forward``), and spans temporal segments only over children
 of such a Sequential. A block of several tensor inputs is a GC segment as a
 whole; a block called more than once per step, or shared by several sites,
 stops planning at level 1. Forward hooks of a block whose parts run separately
-(spatial split, temporal segment) do not run; :func:`unwrap_gc` brings the
-block back.
+(spatial split, temporal segment) do not run; :func:`~snnkit.memopt.unwrap_gc`
+brings the block back.
 """
 import dataclasses
 import logging
