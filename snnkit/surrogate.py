@@ -18,6 +18,7 @@ Example:
 import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,8 +31,20 @@ def heaviside(x: torch.Tensor) -> torch.Tensor:
 
 
 def _c_float(value: float) -> str:
-    """A float literal in C (``4.0f``) that rounds like torch's fp32 scalar."""
-    return f"{float(value)!r}f"
+    """A C float literal (``4.0f``) of exactly the float32 that torch makes of ``value``.
+
+    ``value`` is rounded once, double to float32 (to nearest even), as torch rounds
+    a Python scalar used with a float32 tensor. The literal is the shortest decimal
+    that reads back as that float32, so the compiler's decimal-to-float conversion
+    returns it unchanged (``repr`` of the double would be rounded decimal to float
+    directly, which differs next to float32 midpoints). Beyond the float32 range
+    the value is an infinity, as in torch.
+    """
+    with np.errstate(over="ignore"):
+        f = np.float32(value)
+    if np.isinf(f):
+        return "(-1.0f / 0.0f)" if f < 0 else "(1.0f / 0.0f)"
+    return np.format_float_positional(f, unique=True, trim="0") + "f"
 
 
 class _Spike(torch.autograd.Function):

@@ -5,12 +5,16 @@ element ``i`` of the flattened tensor goes to byte ``i // 8``, bit ``i % 8``
 (little-endian within a byte); the last byte is zero-padded.
 
 * :func:`pack` reads each value once, writes one byte per 8 values and, in the
-  same pass, sets an ``int32`` flag when a value is neither 0 nor 1, so that a
-  strictly binary compressor can refuse invalid input without a second read.
-  Values are tested by bit pattern (``+0.0``/``-0.0`` are 0, exactly ``1.0`` is
-  1; NaN, 0.5, 2, -1 are invalid), so one kernel serves every floating dtype of
-  a width without fp16 headers. A thread that sees an invalid value stores 1
-  into the flag; all writers store the same value, so no atomic is needed.
+  same pass, sets a flag when a value is neither 0 nor 1, so that a strictly
+  binary compressor can refuse invalid input without a second read. Like the
+  CPU path, the bit of an element is its truth value ``s != 0``: ``+0.0`` and
+  ``-0.0`` pack to 0, any other value (1, but also NaN, 0.5, 2, -1) to 1, and
+  the flag is set exactly where such a value is not 1. Values are tested by bit
+  pattern, so one kernel serves every dtype of a width without fp16 headers
+  (and integers of either signedness). A thread that sees an invalid value
+  stores 1 into the flag; all writers store the same value, so no atomic is
+  needed. The flag is a 0-dim ``bool`` tensor, like the CPU path's, and
+  ``None`` for an empty input (nothing to check, no launch).
 * :func:`unpack` writes one element per thread (coalesced stores), reading the
   byte it needs (the 8 threads of a byte hit the same cache line).
 * CuPy is imported on first use; kernels are compiled once per dtype and device
@@ -22,7 +26,7 @@ Example:
     // snnkit bit packing: snnkit_bitpack_f16
 """
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,22 +34,37 @@ from .. import _cupy
 
 __all__ = ["pack", "unpack", "pack_source", "unpack_source", "pack_name", "unpack_name", "pack_params", "unpack_params"]
 
-#: dtype name -> (tag, unsigned storage type, bit pattern of 1, mask without the sign bit)
+#: kernel dtype -> (tag, unsigned word type, words per element, bit pattern of 1 in the first
+#: word, mask of the bits that make a word nonzero: all but the sign bit of a float part).
+#: A complex element is two words (real, imaginary); its other words are 0 for the value 1.
 _BIT_DTYPES = {
-    "float32": ("f32", "unsigned int", "0x3F800000u", "0x7FFFFFFFu"),
-    "float16": ("f16", "unsigned short", "0x3C00u", "0x7FFFu"),
-    "bfloat16": ("bf16", "unsigned short", "0x3F80u", "0x7FFFu"),
-    "float64": ("f64", "unsigned long long", "0x3FF0000000000000ull", "0x7FFFFFFFFFFFFFFFull"),
-    "uint8": ("u8", "unsigned char", "0x01u", "0xFFu"),  # also bool, viewed as uint8
+    "float32": ("f32", "unsigned int", 1, "0x3F800000u", "0x7FFFFFFFu"),
+    "float16": ("f16", "unsigned short", 1, "0x3C00u", "0x7FFFu"),
+    "bfloat16": ("bf16", "unsigned short", 1, "0x3F80u", "0x7FFFu"),
+    "float64": ("f64", "unsigned long long", 1, "0x3FF0000000000000ull", "0x7FFFFFFFFFFFFFFFull"),
+    "complex64": ("c64", "unsigned int", 2, "0x3F800000u", "0x7FFFFFFFu"),
+    "complex128": ("c128", "unsigned long long", 2, "0x3FF0000000000000ull", "0x7FFFFFFFFFFFFFFFull"),
+    "uint8": ("u8", "unsigned char", 1, "0x01u", "0xFFu"),  # every 1-byte integer and bool
+    "int16": ("i16", "unsigned short", 1, "0x0001u", "0xFFFFu"),  # int16 and uint16
+    "int32": ("i32", "unsigned int", 1, "0x00000001u", "0xFFFFFFFFu"),  # int32 and uint32
+    "int64": ("i64", "unsigned long long", 1, "0x1ull", "0xFFFFFFFFFFFFFFFFull"),  # int64 and uint64
 }
+#: torch dtype -> kernel dtype: every dtype the CPU path packs (integers by width, as bit patterns)
 _TORCH = {
     torch.float32: "float32",
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
     torch.float64: "float64",
-    torch.uint8: "uint8",
+    torch.complex64: "complex64",
+    torch.complex128: "complex128",
     torch.bool: "uint8",
+    torch.uint8: "uint8",
+    torch.int8: "uint8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
 }
+_TORCH.update({getattr(torch, f"uint{b}"): f"int{b}" for b in (16, 32, 64) if hasattr(torch, f"uint{b}")})
 
 
 def _entry(dtype: str):
@@ -71,7 +90,7 @@ def pack_params(dtype: str):
     return (
         (f"const {u}* __restrict__", "s"),  # [numel]
         ("unsigned char* __restrict__", "packed"),  # [ceil(numel / 8)]
-        ("int* __restrict__", "flag"),  # [1], set to 1 on a non-binary value
+        ("unsigned char* __restrict__", "flag"),  # 0-dim bool, set to 1 on a non-binary value
         ("const long long", "numel"),
     )
 
@@ -97,9 +116,11 @@ _PACK = r"""// snnkit bit packing: {name}
     for (int j = 0; j < 8; j++) {{
         const long long e = b * 8 + j;
         if (e >= numel) break;
-        const {U} bits = s[e];
-        if (bits == ({U}){one}) byte |= 1u << j;
-        else if ((bits & ({U}){mask}) != 0) bad = 1;
+        {load}
+        if ({nonzero}) {{  // the truth value s != 0 (-0.0 is 0, NaN is not)
+            byte |= 1u << j;
+            if ({not_one}) bad = 1;
+        }}
     }}
     packed[b] = (unsigned char)byte;
     if (bad) *flag = 1;
@@ -111,46 +132,66 @@ _UNPACK = r"""// snnkit bit unpacking: {name}
 {{
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= numel) return;
-    out[e] = ((packed[e >> 3] >> (e & 7)) & 1) ? ({U}){one} : ({U})0;
+    {store}
 }}
 """
+
+
+def _pack_body(u: str, words: int, one: str, mask: str) -> dict:
+    if words == 1:
+        return dict(load=f"const {u} w0 = s[e];", nonzero=f"(w0 & ({u}){mask}) != 0", not_one=f"w0 != ({u}){one}")
+    return dict(
+        load=f"const {u} w0 = s[2 * e], w1 = s[2 * e + 1];",
+        nonzero=f"((w0 | w1) & ({u}){mask}) != 0",
+        not_one=f"w0 != ({u}){one} || (w1 & ({u}){mask}) != 0",
+    )
+
+
+def _unpack_body(u: str, words: int, one: str) -> str:
+    bit = "((packed[e >> 3] >> (e & 7)) & 1)"
+    if words == 1:
+        return f"out[e] = {bit} ? ({u}){one} : ({u})0;"
+    return f"out[2 * e] = {bit} ? ({u}){one} : ({u})0;\n    out[2 * e + 1] = ({u})0;"
 
 
 @functools.lru_cache(maxsize=None)
 def pack_source(dtype: str) -> str:
     """CUDA source of the pack kernel for elements of ``dtype`` (a name such as ``"float32"``)."""
-    _, u, one, mask = _entry(dtype)
+    _, u, words, one, mask = _entry(dtype)
     name = pack_name(dtype)
-    return _PACK.format(name=name, signature=_cupy.signature(name, pack_params(dtype)), U=u, one=one, mask=mask)
+    return _PACK.format(name=name, signature=_cupy.signature(name, pack_params(dtype)),
+                        **_pack_body(u, words, one, mask))
 
 
 @functools.lru_cache(maxsize=None)
 def unpack_source(dtype: str) -> str:
     """CUDA source of the unpack kernel for elements of ``dtype``."""
-    _, u, one, _ = _entry(dtype)
+    _, u, words, one, _ = _entry(dtype)
     name = unpack_name(dtype)
-    return _UNPACK.format(name=name, signature=_cupy.signature(name, unpack_params(dtype)), U=u, one=one)
+    return _UNPACK.format(name=name, signature=_cupy.signature(name, unpack_params(dtype)),
+                          store=_unpack_body(u, words, one))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     if dtype not in _TORCH:
         raise ValueError(
             f"snnkit.memopt: bit packing supports {', '.join(map(str, _TORCH))} tensors, got {dtype}; "
-            "cast the spikes to float first"
+            "cast the spikes to float32 first"
         )
     return _TORCH[dtype]
 
 
-def _pack(s: torch.Tensor, launcher) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pack(s: torch.Tensor, launcher) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     name = _dtype_name(s.dtype)
     flat = s.contiguous().view(-1)
     if s.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     numel = flat.numel()
     packed = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=s.device)
-    flag = torch.zeros(1, dtype=torch.int32, device=s.device)
-    if numel > 0:
-        launcher(pack_name(name), pack_source(name), pack_params(name), packed.numel(), (flat, packed, flag, numel))
+    if numel == 0:
+        return packed, None  # nothing to check, like the CPU path
+    flag = torch.zeros((), dtype=torch.bool, device=s.device)
+    launcher(pack_name(name), pack_source(name), pack_params(name), packed.numel(), (flat, packed, flag, numel))
     return packed, flag
 
 
@@ -173,15 +214,17 @@ def _check_cuda(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"snnkit.memopt: CUDA bit packing needs a CUDA tensor, got {what} on {t.device}")
 
 
-def pack(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def pack(s: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Pack spikes ``s`` (any shape, on CUDA) into ``ceil(numel / 8)`` bytes.
 
     Args:
-        s: float32/float16/bfloat16/float64/uint8/bool CUDA tensor of 0s and 1s.
+        s: CUDA tensor of 0s and 1s: floating (16, 32, 64 bits, bfloat16, complex),
+            integer (signed or unsigned) or bool, as the CPU path.
 
     Returns:
-        ``(packed, flag)``: ``packed`` is ``uint8`` ``[ceil(numel / 8)]``; ``flag`` is
-        ``int32`` ``[1]``, nonzero if a value was neither 0 nor 1 (those pack to 0).
+        ``(packed, flag)``: ``packed`` is ``uint8`` ``[ceil(numel / 8)]``, bit ``s != 0``
+        of each element; ``flag`` is a 0-dim ``bool`` tensor, True if a value was
+        neither 0 nor 1 (such values pack to 1), or ``None`` when ``s`` is empty.
 
     Raises:
         ValueError: for a CPU tensor or an unsupported dtype.

@@ -70,8 +70,11 @@ class CompressedSpikes:
         payload: Tuple of tensors holding the data.
         dtype: ``dtype`` of the original tensor.
         shape: Shape of the original tensor.
-        flag: ``None``, or a 0-dim device tensor that is nonzero when the input
-            was not valid for the compressor (read once, by ``decompress``).
+        flag: ``None`` when nothing was checked (``check=False``, a compressor
+            that accepts any values, or an empty input to a strictly-binary
+            compressor), else a 0-dim tensor on the input's device, True (nonzero)
+            when the input was not valid for the compressor (read once, by
+            ``decompress``).
 
     Example:
         >>> import torch

@@ -3,6 +3,7 @@ import itertools
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,12 @@ def test_spec_validation():
         codegen.KernelSpec("if", True, True, False, "float32", "sigmoid_4p0", "")
     with pytest.raises(ValueError, match="vec must be 1 or 8 for float16, got 4"):
         codegen.make_spec("lif", True, True, False, sg, "float16", vec=4)
+    with pytest.raises(ValueError, match="surrogate must be a C identifier fragment, got 'sig-moid'"):
+        codegen.KernelSpec("lif", True, True, False, "float32", "sig-moid", "")
+    from snnkit.memopt import _bitpack_cuda as bitpack
+
+    with pytest.raises(ValueError, match="bit packing supports .*'int32'.*, got 'float8'"):
+        bitpack.pack_name("float8")
 
 
 def test_vectorised_names_and_choice():
@@ -223,3 +230,36 @@ def test_spec_for_accepts_a_custom_surrogate_with_its_cuda_derivative():
     p = _reference.NeuronParams("if", 1.0, 0.0, False, _WithCuda(1.0))
     spec = ops.spec_for(p, torch.float32)
     assert spec.surrogate == "_withcuda_1p0" and spec.surrogate_code == "sg = 1.0f;"
+
+
+def _c_reads_float32(literal: str) -> np.float32:
+    """The float32 a C compiler makes of ``literal`` (``"1.5f"``): the exact decimal rounded once, ties to even."""
+    from fractions import Fraction
+
+    q = Fraction(literal.removesuffix("f"))
+    guess = np.float32(float(q))  # at most one float32 ulp off (rounded twice)
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - q), int(np.array(c).view(np.int32)) & 1))
+
+
+def test_surrogate_literals_are_the_float32_torch_uses():
+    """A literal rounds decimal -> float once; it must land where torch's double -> float32 cast does.
+
+    The values are exact midpoints between two float32 (the audit's cfloat.py), where ``repr`` of the
+    double (the shortest decimal that reads back as that double) may lie on either side of the midpoint.
+    """
+    rng = np.random.default_rng(0)
+    floats = rng.uniform(0.1, 8.0, 500).astype(np.float32).astype(np.float64)
+    midpoints = [np.array(np.uint64(np.array(f).view(np.uint64) | np.uint64(1 << 28))).view(np.float64).item()
+                 for f in floats]  # fmt: skip
+    values = [1 + 2**-24, 0.5 / (1 + 2**-24), 4.0, 1 / 3, 0.1, 1e-30, 3e38, *midpoints]
+    for v in values:
+        literal = surrogate._c_float(v)
+        torch_value = torch.tensor(v, dtype=torch.float32).item()
+        assert literal.endswith("f") and _c_reads_float32(literal) == np.float32(torch_value), (v, literal)
+    assert surrogate._c_float(4.0) == "4.0f" and surrogate._c_float(1 / 3) == "0.33333334f"
+    assert surrogate._c_float(1e39) == "(1.0f / 0.0f)"  # beyond float32: infinity, as torch.tensor(1e39)
+    assert surrogate._c_float(1 + 2**-24) == "1.0f"  # the midpoint rounds to even, not up
+    for sg in (surrogate.Sigmoid(midpoints[0]), surrogate.PiecewiseQuadratic(midpoints[1]),
+               surrogate.Rect(midpoints[2])):
+        assert surrogate._c_float(sg.alpha) in sg.cuda_derivative("x", "out")

@@ -30,14 +30,36 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 SURROGATES, NEURONS, CONFIGS = _kernels.SURROGATES, _kernels.NEURONS, _kernels.CONFIGS
-f16_reference, ref_backward = _kernels.f16_reference, _kernels.ref_backward
+f16_reference = _kernels.f16_reference
+
+
+def ref_backward(*args):
+    """:func:`kernels.ref_backward` as autograd runs it: without a graph (it is first-order only)."""
+    with torch.no_grad():
+        return _kernels.ref_backward(*args)
+
 _inputs, _run, BIT_DTYPES = _kernels.inputs, _kernels.run, _kernels.BIT_TORCH_DTYPES
+
+
+#: every dtype the bit packing takes (the CPU path packs the same ones), by name
+ALL_BIT_DTYPES = {
+    **BIT_DTYPES, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+    "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
+    "complex64": torch.complex64, "complex128": torch.complex128,
+}  # fmt: skip
+
+
+def _bit_kernels():
+    """The bit packing kernels of every kernel dtype (integers of every width, complex)."""
+    return [k for dt in bitpack._BIT_DTYPES for k in (
+        (bitpack.pack_name(dt), bitpack.pack_params(dt), bitpack.pack_source(dt)),
+        (bitpack.unpack_name(dt), bitpack.unpack_params(dt), bitpack.unpack_source(dt)))]  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
 def _emulator():
     # Built once per process (and cached on disk by source hash); immutable afterwards.
-    kernels = _kernels.all_kernels()
+    kernels = _kernels.all_kernels() + _bit_kernels()
     return harness.build(kernels), {name: src for name, _, src in kernels}
 
 
@@ -168,19 +190,115 @@ def test_odd_shapes_and_single_step(shape):
     torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [37, 40])  # one neuron per thread; vectorised for both dtypes
 @pytest.mark.parametrize("store", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_no_grad_forward_skips_h_seq(store, dtype):
+def test_no_grad_forward_skips_h_seq(store, dtype, n):
     p = _params("lif", False, False, "atan", 1)
-    x, v, _, _ = _inputs((6, 40), dtype, seed=1)
+    x, v, _, _ = _inputs((6, n), dtype, seed=1)
+    launcher = EmuLauncher(block=8)
     with torch.no_grad():
-        spike, v_out = ops._FusedMultiStep.apply(x, v, p, store, EmuLauncher())
+        spike, v_out = ops._FusedMultiStep.apply(x, v, p, store, launcher)
     assert spike.grad_fn is None
+    assert launcher.calls == _kernels.launched(p, dtype, n == 40)[:1]
     if dtype == torch.float16:
         ref_spike, ref_v, _ = f16_reference(x, v, p, store)
     else:
         ref_spike, ref_v = _reference.multistep(x, v, p, store)
     assert torch.equal(spike, ref_spike) and torch.equal(v_out, ref_v)
+
+
+def _check_fused_against_reference(p, x, v, gs, gv, store, launcher):
+    """Forward and backward of the fused function (``launcher``) against the reference.
+
+    float32: forward bit for bit and gradients to ``1e-5`` of ``_reference.multistep``;
+    float16: as :func:`test_kernels_match_torch_float16`.
+    """
+    if x.dtype == torch.float32:
+        got = _run(lambda a, b: ops._FusedMultiStep.apply(a, b, p, store, launcher), x, v, gs, gv, store)
+        ref = _run(lambda a, b: _reference.multistep(a, b, p, store), x, v, gs, gv, store)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-6)
+        return
+    xk, vk = x.clone().requires_grad_(), v.clone().requires_grad_()
+    spike, v_out = ops._FusedMultiStep.apply(xk, vk, p, store, launcher)
+    ref_spike, ref_v, ref_h = f16_reference(x, v, p, store)
+    assert torch.equal(spike, ref_spike) and torch.equal(v_out, ref_v)
+    (h16,) = spike.grad_fn.saved_tensors
+    assert torch.equal(h16, ref_h)
+    (spike * gs).sum().add_((v_out * (gv if store else gv[-1])).sum()).backward()
+    gx, gv0 = ref_backward(h16.float(), p, store, gs.float(), (gv if store else gv[-1]).float())
+    torch.testing.assert_close(xk.grad.float(), gx.half().float(), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(vk.grad.float(), gv0.half().float(), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", ["scalar", "vec"])
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_single_step_backward_at_every_width(dtype, store, width):
+    """T == 1: the backward's peeled last step is its only step (store_v_seq: the loop runs once)."""
+    p = _params("lif", True, False, "sigmoid", 1)
+    n = {"scalar": 37, "vec": 40}[width]  # 40: 10 x 4 float32 or 5 x 8 float16
+    x, v, gs, gv = _inputs((1, n), dtype, seed=8)
+    launcher = EmuLauncher(block=4)
+    _check_fused_against_reference(p, x, v, gs, gv, store, launcher)
+    assert launcher.calls == _kernels.launched(p, dtype, width == "vec")
+
+
+@pytest.mark.parametrize("n", [37, 40])
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_time_sequence(dtype, store, n):
+    """T == 0: the forward kernel runs with no step (v_last = v), the backward launches nothing."""
+    p = _params("lif", True, False, "sigmoid", 1)
+    v = torch.rand(n, dtype=dtype).requires_grad_()
+    x = torch.zeros(0, n, dtype=dtype, requires_grad=True)
+    launcher = EmuLauncher(block=8)
+    spike, v_out = ops._FusedMultiStep.apply(x, v, p, store, launcher)
+    assert launcher.calls == _kernels.launched(p, dtype, n == 40)[:1]
+    assert spike.shape == (0, n) and torch.equal(v_out, torch.zeros(0, n, dtype=dtype) if store else v.detach())
+    gv = torch.randn(v_out.shape).to(dtype)
+    grad_x, grad_v = torch.autograd.grad((v_out * gv).sum() + spike.sum(), (x, v), allow_unused=True)
+    assert grad_x.shape == (0, n) and len(launcher.calls) == 1
+    assert torch.equal(grad_v, torch.zeros(n, dtype=dtype) if store else gv)
+
+
+@pytest.mark.parametrize("t", [0, 3])
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_no_neurons_launches_nothing(dtype, store, t):
+    """N == 0: no kernel runs; shapes and (empty) gradients as the reference's."""
+    p = _params("lif", True, False, "sigmoid", 1)
+    x = torch.zeros(t, 2, 0, dtype=dtype, requires_grad=True)
+    v = torch.zeros(2, 0, dtype=dtype, requires_grad=True)
+    launcher = EmuLauncher()
+    spike, v_out = ops._FusedMultiStep.apply(x, v, p, store, launcher)
+    assert spike.shape == x.shape and v_out.shape == (x.shape if store else v.shape)
+    assert v_out.dtype == spike.dtype == dtype and v_out is not v
+    grad_x, grad_v = torch.autograd.grad(spike.sum() + v_out.sum(), (x, v), allow_unused=True)
+    assert grad_x.shape == x.shape and grad_v.shape == v.shape and grad_v.dtype == dtype
+    assert launcher.calls == []
+    if t:  # the reference needs a step
+        ref = _reference.multistep(x, v, p, store)
+        assert [r.shape for r in ref] == [spike.shape, v_out.shape]
+
+
+def test_double_backward_raises_instead_of_dropping_second_order_terms():
+    """The backward kernels build no graph: create_graph=True must fail loudly, not give a partial graph."""
+    p = _params("lif", True, False, "sigmoid", 1)
+    x, v, gs, _ = _inputs((3, 37), torch.float32, seed=9)
+    for store in (False, True):
+        xk = x.clone().requires_grad_()
+        spike, v_out = ops._FusedMultiStep.apply(xk, v, p, store, EmuLauncher())
+        loss = (spike * gs).sum() + v_out.sum()
+        with pytest.raises(RuntimeError, match="backend='cupy' .* double backward .*create_graph=True"):
+            torch.autograd.grad(loss, xk, create_graph=True)
+        (grad_x,) = torch.autograd.grad(loss, xk)  # first order as before
+        xr = x.clone().requires_grad_()
+        spike_r, v_r = _reference.multistep(xr, v, p, store)
+        (grad_r,) = torch.autograd.grad((spike_r * gs).sum() + v_r.sum(), xr)
+        torch.testing.assert_close(grad_x, grad_r, rtol=1e-5, atol=1e-6)
 
 
 def test_grad_only_to_x():
@@ -239,16 +357,16 @@ def test_custom_surrogate_kernels_match_torch_and_single_steps(hard, detach):
 
 def torch_pack(s: torch.Tensor) -> torch.Tensor:
     """Reference layout: element i -> byte i // 8, bit i % 8."""
-    bits = s.reshape(-1).to(torch.uint8)
+    bits = (s.reshape(-1) != 0).to(torch.uint8)
     pad = (-bits.numel()) % 8
     bits = torch.cat([bits, bits.new_zeros(pad)]).view(-1, 8)
     return (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 1000, 1027])
-@pytest.mark.parametrize("dtype", list(BIT_DTYPES))
+@pytest.mark.parametrize("dtype", list(ALL_BIT_DTYPES))
 def test_bitpack_matches_torch_and_round_trips(dtype, numel):
-    s = (torch.rand(numel) < 0.3).to(BIT_DTYPES[dtype])
+    s = (torch.rand(numel) < 0.3).to(ALL_BIT_DTYPES[dtype])
     launcher = EmuLauncher()
     packed, flag = bitpack._pack(s, launcher)
     assert packed.dtype == torch.uint8 and packed.numel() == (numel + 7) // 8
@@ -256,7 +374,7 @@ def test_bitpack_matches_torch_and_round_trips(dtype, numel):
     cpu_pack = getattr(compress, "_bit_pack", None)  # the CPU path of BitSpikeCompressor
     if cpu_pack is not None:
         assert torch.equal(packed, cpu_pack((s != 0).reshape(-1)))
-    assert flag.dtype == torch.int32 and flag.item() == 0
+    assert flag.dtype == torch.bool and flag.shape == () and not flag  # like the CPU path's flag
     out = bitpack._unpack(packed, numel, s.dtype, launcher)
     assert out.dtype == s.dtype and torch.equal(out, s)
 
@@ -276,13 +394,63 @@ def test_bitpack_negative_zero_is_zero_and_uint8_two_is_flagged():
     s = torch.tensor([-0.0, 1.0, 0.0, -0.0, 1.0])
     packed, flag = bitpack._pack(s, EmuLauncher())
     assert flag.item() == 0 and packed.tolist() == [0b10010]
-    _, flag = bitpack._pack(torch.tensor([0, 1, 2], dtype=torch.uint8), EmuLauncher())
-    assert flag.item() != 0
+    packed, flag = bitpack._pack(torch.tensor([0, 1, 2], dtype=torch.uint8), EmuLauncher())
+    assert flag.item() != 0 and packed.tolist() == [0b110]  # 2 is nonzero: its bit is set, as on CPU
+
+
+_FLOAT_SPECIALS = [0.0, 1.0, -0.0, float("nan"), 0.5, 2.0, -1.0, float("inf"), -float("inf"), 1e-30]
+_INT_SPECIALS = [0, 1, 2, 127, 255, -1, -128]
+_COMPLEX_SPECIALS = [0j, 1 + 0j, complex(1.0, -0.0), complex(-0.0, -0.0), complex(0.0, -0.0), 1j, -1 + 0j, 1 + 1j,
+                     complex(0, float("nan")), complex(float("nan"), 0)]  # fmt: skip
+
+
+def _special_values(dtype):
+    if dtype.is_complex:
+        return torch.tensor(_COMPLEX_SPECIALS, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.tensor(_FLOAT_SPECIALS).to(dtype)
+    if dtype == torch.bool:
+        return torch.tensor([False, True])
+    info = torch.iinfo(dtype)
+    return torch.tensor([v for v in _INT_SPECIALS if info.min <= v <= info.max], dtype=torch.int64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(ALL_BIT_DTYPES))
+def test_bitpack_matches_the_cpu_packer_on_any_values(dtype):
+    """Non-binary input: the kernel stores the CPU path's payload (bit = s != 0) and flag, per value and mixed."""
+    dtype = ALL_BIT_DTYPES[dtype]
+    values = _special_values(dtype)
+    launcher = EmuLauncher(block=4)
+    g = torch.Generator().manual_seed(0)
+    mixed = values[torch.randint(len(values), (203,), generator=g)]
+    binary = (torch.rand(203, generator=g) < 0.3).to(dtype)
+    cases = [values[i : i + 1] for i in range(len(values))] + [mixed, binary]
+    for s in cases:
+        packed, flag = bitpack._pack(s, launcher)
+        cpu_packed, cpu_flag = compress._bit_pack_checked(s, check=True)
+        assert torch.equal(packed, cpu_packed), (s, packed, cpu_packed)
+        assert flag.dtype == cpu_flag.dtype == torch.bool and flag.shape == cpu_flag.shape == ()
+        assert bool(flag) == bool(cpu_flag), s
+        out = bitpack._unpack(packed, s.numel(), dtype, launcher)
+        assert torch.equal(out, compress._bit_unpack(cpu_packed, s.numel(), dtype))
+
+
+def test_bitpack_empty_input_has_no_flag_like_the_cpu_path():
+    launcher = EmuLauncher()
+    for dtype in (torch.float32, torch.int32, torch.bool):
+        packed, flag = bitpack._pack(torch.zeros(2, 0, dtype=dtype), launcher)
+        assert packed.shape == (0,) and flag is None
+        assert compress._bit_pack_checked(torch.zeros(0, dtype=dtype), check=True)[1] is None
+        assert bitpack._unpack(packed, 0, dtype, launcher).shape == (0,)
+    assert launcher.calls == []
 
 
 def test_bitpack_errors():
-    with pytest.raises(ValueError, match="snnkit.memopt: bit packing supports .* got torch.int32"):
-        bitpack._pack(torch.zeros(3, dtype=torch.int32), EmuLauncher())
+    f8 = torch.zeros(3).to(torch.float8_e5m2)
+    with pytest.raises(ValueError, match="snnkit.memopt: bit packing supports .*torch.int32.* got torch.float8_e5m2"):
+        bitpack._pack(f8, EmuLauncher())
+    with pytest.raises(TypeError):  # numpy has no float8: the CPU path cannot pack it either
+        compress._bit_pack_checked(f8, check=True)
     with pytest.raises(ValueError, match="at least 2 bytes for 9 values"):
         bitpack._unpack(torch.zeros(1, dtype=torch.uint8), 9, torch.float32, EmuLauncher())
     with pytest.raises(ValueError, match="needs a CUDA tensor"):

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from snnkit.memopt import _bitpack_cuda as bitpack
 from snnkit.neuron._cuda import codegen
 
 from .cuda_emu import kernels as cuda_kernels
@@ -58,8 +59,18 @@ def _compile(arch, cu, out):
     return outcome
 
 
+def _every_kernel():
+    """Every configuration of :func:`cuda_kernels.all_kernels`, and the bit packing of every dtype."""
+    kernels = {name: (name, params, src) for name, params, src in cuda_kernels.all_kernels()}
+    for dt in bitpack._BIT_DTYPES:
+        kernels[bitpack.pack_name(dt)] = (bitpack.pack_name(dt), bitpack.pack_params(dt), bitpack.pack_source(dt))
+        kernels[bitpack.unpack_name(dt)] = (bitpack.unpack_name(dt), bitpack.unpack_params(dt),
+                                            bitpack.unpack_source(dt))  # fmt: skip
+    return list(kernels.values())
+
+
 def test_every_source_compiles_for_sm80_and_sm90(tmp_path):
-    kernels = cuda_kernels.all_kernels()
+    kernels = _every_kernel()
     cu = tmp_path / "all.cu"
     cu.write_text("\n".join(src for _, _, src in kernels))
     archs = ("sm_80", "sm_90")

@@ -222,3 +222,12 @@ def test_non_spiking_surrogate_multistep_equals_single_steps(kind, decay_input, 
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     with torch.no_grad():
         assert torch.equal(multistep(x, 0.0, p, store_v_seq)[0], multistep(x, torch.zeros_like(v0), p)[0])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_multistep_of_an_empty_sequence(grad):
+    p = NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid())
+    x = torch.zeros(0, 2, 3, requires_grad=grad)
+    v0 = torch.full((2, 3), 0.25)
+    spikes, v = multistep(x, v0, p)
+    assert spikes.shape == (0, 2, 3) and torch.equal(v, v0)

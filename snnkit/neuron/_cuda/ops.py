@@ -19,6 +19,10 @@ and what they save for backward (``h_seq`` only, and nothing when no gradient is
 * Inputs must be contiguous CUDA tensors of one device and one dtype
   (``float32`` or ``float16``); anything else raises a ``ValueError`` that says what
   arrived and what to do. Gradients arriving in backward are made contiguous here.
+* First-order gradients only: the backward is a kernel that builds no graph, so a
+  backward with ``create_graph=True`` raises a ``RuntimeError`` (as the torch
+  backend's hand-written backward does) instead of returning gradients whose
+  second-order terms through the neurons are silently missing.
 * Only ``step_mode="m"`` runs the kernels. In ``step_mode="s"`` a ``backend="cupy"``
   node uses the torch step of :mod:`snnkit.neuron._reference` on the same device:
   a one-step kernel would save one or two launches over torch's few elementwise
@@ -147,6 +151,12 @@ class _FusedMultiStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spike_seq, grad_v):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' outputs would carry no graph
+            raise RuntimeError(
+                "snnkit: backend='cupy' neurons compute a first-order gradient in a CUDA kernel, so double "
+                "backward (create_graph=True, e.g. a gradient penalty) would miss their second-order terms; "
+                "compute such penalties without the neurons in the graph"
+            )
         (h_seq,) = ctx.saved_tensors
         spec, sc = ctx.spec, ctx.sc
         T = h_seq.shape[0]
