@@ -49,6 +49,10 @@ class StepModule:
         self.__dict__["_step_mode"] = _check_step_mode(mode)
 
 
+def _own_copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
 class MemoryModule(nn.Module, StepModule):
     """A module with state ("memories") and save/restore hooks.
 
@@ -82,10 +86,12 @@ class MemoryModule(nn.Module, StepModule):
         Raises:
             ValueError: if ``name`` is already an attribute of the module.
         """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"cannot register memory {name!r}: the name must be a Python identifier")
         if name in self._memories or hasattr(self, name):
             raise ValueError(f"cannot register memory {name!r}: the module already has an attribute of that name")
         self._memories[name] = value
-        self._memory_reset_values[name] = value
+        self._memory_reset_values[name] = _own_copy(value)  # an in-place write to the state cannot reach it
 
     def __getattr__(self, name: str):
         memories_ = self.__dict__.get("_memories")
@@ -108,8 +114,14 @@ class MemoryModule(nn.Module, StepModule):
             super().__delattr__(name)
 
     def reset(self) -> None:
-        """Put every memory back to its reset value (no in-place writes)."""
-        self._memories.update(self._memory_reset_values)
+        """Put every memory back to its reset value (no in-place writes; a tensor value is a fresh copy)."""
+        self._memories.update({k: _own_copy(v) for k, v in self._memory_reset_values.items()})
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel copies __dict__ shallowly: each replica needs a state dict of its own.
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_memories"] = dict(self._memories)
+        return replica
 
     def memories(self) -> Iterator[Any]:
         """Iterate over the current state values, in registration order."""

@@ -114,3 +114,37 @@ def test_fast_walk_matches_named_modules_order_with_shared_modules():
     values = [torch.full((1,), float(i)) for i in range(4)]
     base.load_memories(net, values)
     assert base.extract_memories(net) == values and [v for _, v in base.named_memories(net)] == values
+
+
+class _Acc(MemoryModule):
+    def __init__(self):
+        super().__init__()
+        self.register_memory("acc", torch.zeros(3))
+
+    def forward(self, x):
+        self.acc += x  # in place, against the contract: it must not reach the reset value
+        return self.acc
+
+
+def test_a_tensor_reset_value_is_not_the_state():
+    m = _Acc()
+    m(torch.ones(3))
+    m.reset()
+    assert torch.equal(m.acc, torch.zeros(3))
+    m(torch.ones(3))
+    m.reset()
+    assert torch.equal(m.acc, torch.zeros(3))
+
+
+def test_data_parallel_replicas_keep_states_of_their_own():
+    node = neuron.IFNode()
+    replicas = [node._replicate_for_data_parallel() for _ in range(2)]  # what nn.DataParallel makes
+    replicas[0](torch.ones(2, 3))
+    replicas[1](torch.ones(1, 3))
+    assert replicas[0].v.shape == (2, 3) and replicas[1].v.shape == (1, 3) and node.v == 0.0
+
+
+@pytest.mark.parametrize("name", ["", "a.b", 1])
+def test_memory_names_must_be_identifiers(name):
+    with pytest.raises(ValueError, match="must be a Python identifier"):
+        MemoryModule().register_memory(name, 0.0)

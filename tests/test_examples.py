@@ -105,3 +105,9 @@ def test_demo_under_torchrun_with_two_gloo_ranks(tmp_path):
     assert len(lines) == 1  # only rank 0 reports
     result = json.loads(lines[0])
     assert result["memopt"] == "layer" and result["test_accuracy"] > 0.5
+
+
+def test_demo_times_a_run_of_one_step(tmp_path, capsys):
+    result = _run_json(capsys, ["--epochs", "1", "--T", "2", "--width", "4", "--batch-size", "4000", "--quiet",
+                                "--json", "--out", str(tmp_path)])
+    assert result["step_seconds"] > 0  # the only step is the memory-measured one

@@ -133,10 +133,10 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .. import base
-from ..layer import BatchNorm1d, BatchNorm2d, SeqToANNContainer
+from ..layer import BatchNorm1d, BatchNorm2d, Dropout, SeqToANNContainer
 from .._context import gc_1st_forward, gc_recompute, in_gc_1st_forward
 from .compress import BaseSpikeCompressor, CompressedSpikes, NullSpikeCompressor
 
@@ -247,15 +247,30 @@ def _merge(template, tensors) -> list:
 
 
 def _split_args(args) -> Tuple[tuple, list]:
-    """:func:`_split` of the leaves of nested lists, tuples and dicts (their tensors get gradients too)."""
-    leaves, spec = tree_flatten(list(args))
+    """:func:`_split`, with the tensors inside list, tuple and dict arguments as inputs too.
+
+    A container that holds a tensor reaches the function rebuilt around the
+    tensors it gets (so that they get gradients); any other argument is passed as it is.
+    """
+    leaves, specs = [], []
+    for a in args:
+        if isinstance(a, (list, tuple, dict)) and any(isinstance(t, _Tensor) for t in tree_leaves(a)):
+            flat, spec = tree_flatten(a)
+        else:
+            flat, spec = [a], None
+        leaves += flat
+        specs.append((spec, len(flat)))
     template, tensors = _split(leaves)
-    return (spec, template), tensors
+    return (specs, template), tensors
 
 
 def _merge_args(template, tensors) -> list:
-    spec, leaves = template
-    return tree_unflatten(_merge(leaves, tensors), spec)
+    specs, leaf_template = template
+    leaves, out, i = _merge(leaf_template, tensors), [], 0
+    for spec, n in specs:
+        out.append(leaves[i] if spec is None else tree_unflatten(leaves[i : i + n], spec))
+        i += n
+    return out
 
 
 class _Segment:
@@ -312,12 +327,12 @@ class _GCFunction(torch.autograd.Function):
                 base.load_memories(seg.module, _merge(seg.state_template, state_tensors))
             out = seg.fn(x, *args)
         seg.x_written = x._version != version
-        if seg.x_written and c.payload[0] is x:
+        if seg.x_written and _shares_storage(c.payload, x):
             raise RuntimeError(
-                "snnkit.memopt: the first forward of a GC segment modified its input x_seq in place, and "
-                "NullSpikeCompressor keeps x_seq itself, so the recompute would start from the modified values "
-                "and give wrong gradients. Make the operation out of place, or use a compressor that stores a "
-                "copy (e.g. SparseSpikeCompressor, which takes any values)."
+                f"snnkit.memopt: the first forward of a GC segment modified its input x_seq in place, and "
+                f"{type(seg.compressor).__name__} keeps x_seq's memory itself, so the recompute would start from "
+                "the modified values and give wrong gradients. Make the operation out of place, or use a "
+                "compressor that stores a copy (e.g. SparseSpikeCompressor, which takes any values)."
             )
         seg.out_is_tensor = isinstance(out, _Tensor)
         seg.out_template, out_tensors = _split([out] if seg.out_is_tensor else out)
@@ -435,7 +450,8 @@ class _Written(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad
+        # x's own (old) value reaches the loss only through the segment; a view's base needs a tensor here.
+        return torch.zeros_like(grad), grad
 
 
 class _Inject(torch.autograd.Function):
@@ -455,7 +471,7 @@ class _Inject(torch.autograd.Function):
 def _recompute(seg, c, x_needs, arg_leaves, state_leaves, grads, box):
     """Rerun the segment with a graph; return ``(root, anchor)`` (``root`` None: nothing to do)."""
     x = seg.compressor.decompress(c, seg.x_shape)
-    if seg.x_written and any(x.untyped_storage()._cdata == p.untyped_storage()._cdata for p in c.payload):
+    if seg.x_written and _shares_storage(c.payload, x):
         x = x.clone()  # the recompute writes into x: keep the payload as it is (for retain_graph)
     anchor = None
     if x_needs:
@@ -734,7 +750,12 @@ def _first_in_place(module: Optional[nn.Module]) -> bool:
     """Whether the first module of ``module`` (through ``nn.Sequential``) has ``inplace=True``, e.g. ``nn.ReLU``."""
     while isinstance(module, nn.Sequential) and len(module):
         module = module[0]
-    return getattr(module, "inplace", False) is True
+    return getattr(module, "inplace", False) is True and not isinstance(module, Dropout)  # ours is out of place
+
+
+def _shares_storage(payload, x: _Tensor) -> bool:
+    key = x.untyped_storage()._cdata
+    return any(isinstance(p, _Tensor) and p.untyped_storage()._cdata == key for p in payload)
 
 
 def _has_state(module: nn.Module) -> bool:

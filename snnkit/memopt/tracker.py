@@ -10,8 +10,10 @@ when the storage is freed. The result is the exact peak of bytes of tensor
 storages that were alive at the same time, independent of allocator caching.
 
 What it does not see: storages made outside the dispatcher (``torch.get_rng_state``,
-``torch.from_numpy``, tensors unpickled) and storages that a ``resize_`` grows
-after creation. The overhead is a few microseconds per operator.
+tensors unpickled) and storages that a ``resize_`` grows after creation.
+``torch.tensor``, ``torch.as_tensor`` and ``torch.from_numpy`` are counted (as new
+storages, also when they share a NumPy array's memory). The overhead is a few
+microseconds per operator.
 
 Example:
     >>> import torch
@@ -35,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["MemoryTracker"]
 
 _FRESH: Dict[object, bool] = {}  # operator -> whether it can return a new storage
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
 def _returns_fresh(func) -> bool:
@@ -52,7 +55,9 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if _returns_fresh(func):
+        if func is _LIFT_FRESH:  # torch.tensor(...): its storage was made outside the dispatcher
+            self.tracker._track(out)
+        elif _returns_fresh(func):
             track = self.tracker._track
             if isinstance(out, torch.Tensor):
                 track(out)
@@ -177,7 +182,7 @@ class MemoryTracker:
                 if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
                     try:
                         self._add(obj.untyped_storage(), False)
-                    except (RuntimeError, NotImplementedError):
+                    except (RuntimeError, NotImplementedError, ValueError):  # no storage (an uninitialised lazy parameter)
                         pass
             self.baseline_bytes = self.current_bytes
         self._mode = _Mode(self)

@@ -130,6 +130,10 @@ class BaseNode(MemoryModule):
                 "use step_mode='s' for a single step"
             )
         x_seq = self._float_input(x_seq)
+        if not len(x_seq):  # an empty sequence: no spikes, the state as it was
+            if self.store_v_seq:
+                self._set_v_seq(torch.empty_like(x_seq))
+            return torch.empty_like(x_seq)
         if self.backend == "cupy":
             from ._cuda import ops
 

@@ -935,3 +935,61 @@ def test_query_autocast_sees_devices_other_than_cpu_and_cuda():
         pytest.skip("this torch build has no xpu autocast")
     with torch.autocast("xpu", dtype=torch.float16):
         assert query_autocast() == ("xpu", torch.float16, True)
+
+
+def test_in_place_first_module_on_a_view_gives_the_base_its_gradient():
+    lin = nn.Linear(4, 3).double()
+    a0 = torch.randn(T + 1, N, 4, dtype=torch.float64)
+    results = []
+    for gc in (False, True):
+        a = a0.clone().requires_grad_()
+        b = a * 1.5
+        mods = [nn.ELU(inplace=True), copy.deepcopy(lin)]
+        net = GCContainer(None, *mods) if gc else nn.Sequential(*mods)
+        out = net(b[1:])  # a view of b, written in place by the ELU
+        (out.sum() + (b * b).sum()).backward()
+        results.append([out.detach(), a.grad, *[p.grad for p in net.parameters()]])
+    for u, v in zip(*results):
+        assert torch.equal(u, v)
+
+
+class _KeepFlat(NullSpikeCompressor):
+    """Keeps a view of its input (as a compressor may)."""
+
+    def _compress(self, s):
+        return s.reshape(-1)
+
+    def _decompress(self, payload, shape, dtype):
+        return payload.view(shape)
+
+
+def test_in_place_write_into_an_input_a_compressor_keeps_a_view_of_raises():
+    x = torch.randn(T, N, 4)
+    with pytest.raises(RuntimeError, match="_KeepFlat keeps x_seq's memory"):
+        GCContainer(_KeepFlat(), nn.Identity(), nn.ELU(inplace=True), nn.Linear(4, 3))(x)
+
+
+def test_container_arguments_without_tensors_reach_the_function_as_they_are():
+    log, opts = [], {"log": []}
+
+    def f(x, log, opts):
+        log.append(1)
+        opts["log"].append(1)
+        return x * 2
+
+    x = torch.randn(T, N, 4, requires_grad=True)
+    input_compressed_gc(f, None, x, log, opts).sum().backward()
+    assert len(log) == 2 and opts["log"] == [1, 1]  # first forward and recompute, into the caller's objects
+
+
+def test_dropout_of_ours_with_inplace_is_not_copied_first():
+    seen = []
+
+    class Spy(NullSpikeCompressor):
+        def _compress(self, s):
+            seen.append(s)
+            return s
+
+    x = torch.randn(T, N, 4)
+    GCContainer(Spy(), layer.Dropout(0.5, inplace=True), nn.Linear(4, 3))(x)
+    assert seen.pop() is x

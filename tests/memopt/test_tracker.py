@@ -90,3 +90,20 @@ def test_other_threads_not_counted_and_no_callbacks_after_exit():
         with mt:
             with mt:
                 pass
+
+
+def test_tensors_built_from_python_data_are_counted():
+    with MemoryTracker() as mt:
+        a = torch.tensor([1.0] * 1024)
+        b = torch.as_tensor([2.0] * 1024)
+    assert mt.peak_bytes == 2 * 4096 and mt.retained_bytes == 2 * 4096
+    del a, b
+
+
+def test_baseline_with_an_uninitialised_lazy_parameter_alive():
+    lazy = torch.nn.LazyLinear(4)
+    x = torch.ones(1024)
+    with MemoryTracker(baseline=True) as mt:
+        y = x * 2
+    assert mt.baseline_bytes >= 4096 and mt.peak_bytes >= mt.baseline_bytes + 4096
+    del lazy, y

@@ -271,3 +271,11 @@ def test_v_seq_inside_gc_warns_and_the_recompute_leaves_it_alone(chunks):
     assert after_forward.shape[0] == (6 // chunks if chunks else 6)  # a TCGCContainer keeps its last chunk
     out.sum().backward()
     assert torch.equal(node.v_seq, after_forward)  # not the recompute's (first) chunk
+
+
+def test_an_empty_sequence_with_store_v_seq_leaves_the_state():
+    n = neuron.LIFNode(step_mode="m", store_v_seq=True)
+    n(torch.ones(2, 2, 3))
+    v = n.v
+    out = n(torch.zeros(0, 2, 3))
+    assert out.shape == (0, 2, 3) and n.v_seq.shape == (0, 2, 3) and n.v is v
