@@ -11,6 +11,19 @@ import threading
 _local = threading.local()
 
 
+def _depth(name: str) -> int:
+    return getattr(_local, name, 0)
+
+
+@contextlib.contextmanager
+def _inside(name: str):
+    setattr(_local, name, _depth(name) + 1)
+    try:
+        yield
+    finally:
+        setattr(_local, name, _depth(name) - 1)
+
+
 def in_gc_1st_forward() -> bool:
     """Return True only inside the first (no-grad) forward of a GC segment.
 
@@ -22,17 +35,12 @@ def in_gc_1st_forward() -> bool:
         >>> in_gc_1st_forward()
         False
     """
-    return getattr(_local, "depth", 0) > 0
+    return _depth("first_forward") > 0
 
 
-@contextlib.contextmanager
 def gc_1st_forward():
     """Mark the enclosed code as the first forward of a GC segment."""
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    return _inside("first_forward")
 
 
 def in_gc_recompute() -> bool:
@@ -43,14 +51,9 @@ def in_gc_recompute() -> bool:
         >>> in_gc_recompute()
         False
     """
-    return getattr(_local, "recompute_depth", 0) > 0
+    return _depth("recompute") > 0
 
 
-@contextlib.contextmanager
 def gc_recompute():
     """Mark the enclosed code as the recompute of a GC segment."""
-    _local.recompute_depth = getattr(_local, "recompute_depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.recompute_depth -= 1
+    return _inside("recompute")

@@ -780,14 +780,20 @@ def test_in_place_first_module_is_exact(comp, case):
         assert (u is None and v is None) or torch.equal(u, v), (u - v).abs().max()
 
 
-def test_in_place_first_module_copies_only_then_and_survives_retain_graph():
-    seen = []
+def _spy(seen: list) -> type:
+    """A NullSpikeCompressor class that appends every tensor it keeps to ``seen``."""
 
     class Spy(NullSpikeCompressor):
         def _compress(self, s):
             seen.append(s)
             return s
 
+    return Spy
+
+
+def test_in_place_first_module_copies_only_then_and_survives_retain_graph():
+    seen = []
+    Spy = _spy(seen)
     _, post = _pre_post()
     x = torch.randn(T, N, 4, dtype=torch.float64)
     GCContainer(Spy(), nn.LeakyReLU(0.1), copy.deepcopy(post))(x)
@@ -984,12 +990,6 @@ def test_container_arguments_without_tensors_reach_the_function_as_they_are():
 
 def test_dropout_of_ours_with_inplace_is_not_copied_first():
     seen = []
-
-    class Spy(NullSpikeCompressor):
-        def _compress(self, s):
-            seen.append(s)
-            return s
-
     x = torch.randn(T, N, 4)
-    GCContainer(Spy(), layer.Dropout(0.5, inplace=True), nn.Linear(4, 3))(x)
+    GCContainer(_spy(seen)(), layer.Dropout(0.5, inplace=True), nn.Linear(4, 3))(x)
     assert seen.pop() is x
