@@ -50,7 +50,15 @@ class StepModule:
 
 
 def _own_copy(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+    """A tensor reset value's copy for the state: a write to the state cannot reach the reset value.
+
+    Connected to it in autograd when it requires grad (a learnable initial state), and
+    an ordinary tensor also when made under ``torch.inference_mode``.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    with torch.inference_mode(False), torch.set_grad_enabled(value.requires_grad):
+        return value.clone()
 
 
 class MemoryModule(nn.Module, StepModule):
@@ -90,8 +98,8 @@ class MemoryModule(nn.Module, StepModule):
             raise ValueError(f"cannot register memory {name!r}: the name must be a Python identifier")
         if name in self._memories or hasattr(self, name):
             raise ValueError(f"cannot register memory {name!r}: the module already has an attribute of that name")
-        self._memories[name] = value
-        self._memory_reset_values[name] = _own_copy(value)  # an in-place write to the state cannot reach it
+        self._memories[name] = _own_copy(value)  # an in-place write to the state cannot reach the reset value
+        self._memory_reset_values[name] = value
 
     def __getattr__(self, name: str):
         memories_ = self.__dict__.get("_memories")

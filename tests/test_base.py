@@ -148,3 +148,23 @@ def test_data_parallel_replicas_keep_states_of_their_own():
 def test_memory_names_must_be_identifiers(name):
     with pytest.raises(ValueError, match="must be a Python identifier"):
         MemoryModule().register_memory(name, 0.0)
+
+
+class _Learned(MemoryModule):
+    def __init__(self):
+        super().__init__()
+        self.v0 = nn.Parameter(torch.full((3,), 0.5))
+        self.register_memory("v", self.v0)  # a learnable initial state
+
+    def forward(self, x):
+        self.v = self.v * 0.5 + x
+        return self.v
+
+
+def test_a_learnable_initial_state_gets_gradients_after_reset_and_inference():
+    m = _Learned()
+    with torch.inference_mode():
+        m(torch.ones(3))
+        m.reset()  # the state made here must still train
+    m(torch.ones(3)).sum().backward()
+    assert torch.equal(m.v0.grad, torch.full((3,), 0.5))

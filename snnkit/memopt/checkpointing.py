@@ -51,12 +51,14 @@ NOTE [ Invariants of a GC segment ]
        frozen between forward and backward gets no gradient, as in autograd.
        Tensors nested in list, tuple or dict arguments are inputs too.
     6. In-place first modules: the input is compressed before the first forward writes
-       into it. :class:`~snnkit.memopt.NullSpikeCompressor` keeps the input itself,
-       so it is copied first when the first module has ``inplace=True``
-       (``nn.ReLU``, ...); any other write into it raises. The written input is
+       into it. A compressor that keeps the input's memory
+       (:class:`~snnkit.memopt.NullSpikeCompressor` keeps the input itself) compresses
+       a copy when the first module has ``inplace=True`` (``nn.ReLU``, ...); any
+       other write into memory the compressor keeps raises. The written input is
        marked as modified by the segment, so its later uses get their gradients
-       through it. (:class:`TCGCContainer` raises if its input requires grad: chunks
-       are views.)
+       through it (to float rounding, not bit for bit, when it is a view whose base
+       is used as well). (:class:`TCGCContainer` raises if its input requires grad:
+       chunks are views.)
     7. No double backward: with ``create_graph=True`` a segment's backward raises,
        since the compressed input has no graph for the second-order terms.
 
@@ -318,8 +320,9 @@ class _GCFunction(torch.autograd.Function):
         seg.context = _Context((x, *arg_tensors, *state_tensors))
         # Compress before running, so that an in-place first module does not change what is
         # replayed; NullSpikeCompressor keeps x itself, so it gets a copy if x may be written.
-        null = isinstance(seg.compressor, NullSpikeCompressor)
-        c = seg.compressor.compress(x.clone() if null and _first_in_place(seg.module) else x)
+        c = seg.compressor.compress(x)
+        if _first_in_place(seg.module) and _shares_storage(c.payload, x):  # e.g. NullSpikeCompressor keeps x
+            c = seg.compressor.compress(x.clone())
         args = _merge_args(seg.arg_template, arg_tensors)
         version = x._version
         with gc_1st_forward():
@@ -451,7 +454,7 @@ class _Written(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # x's own (old) value reaches the loss only through the segment; a view's base needs a tensor here.
-        return torch.zeros_like(grad), grad
+        return grad.new_zeros(()).expand_as(grad), grad
 
 
 class _Inject(torch.autograd.Function):

@@ -11,9 +11,9 @@ storages that were alive at the same time, independent of allocator caching.
 
 What it does not see: storages made outside the dispatcher (``torch.get_rng_state``,
 tensors unpickled) and storages that a ``resize_`` grows after creation.
-``torch.tensor``, ``torch.as_tensor`` and ``torch.from_numpy`` are counted (as new
-storages, also when they share a NumPy array's memory). The overhead is a few
-microseconds per operator.
+``torch.tensor`` of Python data is counted (and of an array, by its copy);
+``torch.from_numpy`` and ``torch.as_tensor`` of an array, which share the array's
+memory, are not. The overhead is a few microseconds per operator.
 
 Example:
     >>> import torch
@@ -55,8 +55,9 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is _LIFT_FRESH:  # torch.tensor(...): its storage was made outside the dispatcher
-            self.tracker._track(out)
+        if func is _LIFT_FRESH:  # torch.tensor(data): its storage was made outside the dispatcher
+            if out.untyped_storage().resizable():  # not an array's memory (from_numpy, as_tensor)
+                self.tracker._track(out)
         elif _returns_fresh(func):
             track = self.tracker._track
             if isinstance(out, torch.Tensor):

@@ -133,7 +133,7 @@ class BaseNode(MemoryModule):
         if not len(x_seq):  # an empty sequence: no spikes, the state as it was
             if self.store_v_seq:
                 self._set_v_seq(torch.empty_like(x_seq))
-            return torch.empty_like(x_seq)
+            return x_seq.clone()  # empty, and part of the graph
         if self.backend == "cupy":
             from ._cuda import ops
 

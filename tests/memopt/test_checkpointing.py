@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from snnkit import base, functional, layer, neuron
 from snnkit.memopt import (
+    BaseSpikeCompressor,
     BitSpikeCompressor,
     BooleanSpikeCompressor,
     GCContainer,
@@ -993,3 +994,26 @@ def test_dropout_of_ours_with_inplace_is_not_copied_first():
     x = torch.randn(T, N, 4)
     GCContainer(_spy(seen)(), layer.Dropout(0.5, inplace=True), nn.Linear(4, 3))(x)
     assert seen.pop() is x
+
+
+class _SameMemory(BaseSpikeCompressor):
+    """Keeps a reshaped view of its input (the memory of x_seq itself)."""
+
+    def _compress(self, s):
+        return s.view(-1)
+
+    def _decompress(self, payload, shape, dtype):
+        return payload.view(shape)
+
+
+def test_in_place_first_module_with_a_compressor_keeping_the_input_memory_is_exact():
+    lin = nn.Linear(4, 3).double()
+    x0 = torch.randn(T, N, 4, dtype=torch.float64)
+    results = []
+    for net in (nn.Sequential(nn.ReLU(inplace=True), copy.deepcopy(lin)),
+                GCContainer(_SameMemory(), nn.ReLU(inplace=True), copy.deepcopy(lin))):
+        out = net(x0.clone())
+        out.sum().backward()
+        results.append([out.detach(), *[p.grad for p in net.parameters()]])
+    for u, v in zip(*results):
+        assert torch.equal(u, v)

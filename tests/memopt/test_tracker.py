@@ -107,3 +107,14 @@ def test_baseline_with_an_uninitialised_lazy_parameter_alive():
         y = x * 2
     assert mt.baseline_bytes >= 4096 and mt.peak_bytes >= mt.baseline_bytes + 4096
     del lazy, y
+
+
+def test_a_tensor_copied_from_an_array_is_counted_once():
+    import numpy as np
+
+    array = np.ones(1000, dtype=np.float32)
+    with MemoryTracker() as mt:
+        t = torch.tensor(array)  # a copy: 4000 bytes
+        shared = torch.from_numpy(array)  # the array's memory: not a tensor allocation
+    assert mt.allocated_bytes == 4000 and mt.num_allocations == 1
+    del t, shared

@@ -279,3 +279,10 @@ def test_an_empty_sequence_with_store_v_seq_leaves_the_state():
     v = n.v
     out = n(torch.zeros(0, 2, 3))
     assert out.shape == (0, 2, 3) and n.v_seq.shape == (0, 2, 3) and n.v is v
+
+
+def test_an_empty_sequence_keeps_the_graph():
+    x = torch.zeros(0, 2, 3, requires_grad=True)
+    out = neuron.IFNode(step_mode="m")(x)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 2, 3)
