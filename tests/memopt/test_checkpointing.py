@@ -960,11 +960,11 @@ def test_in_place_first_module_on_a_view_gives_the_base_its_gradient():
         assert torch.equal(u, v)
 
 
-class _KeepFlat(NullSpikeCompressor):
-    """Keeps a view of its input (as a compressor may)."""
+class _SameMemory(BaseSpikeCompressor):
+    """Keeps a reshaped view of its input (the memory of x_seq itself)."""
 
     def _compress(self, s):
-        return s.reshape(-1)
+        return s.view(-1)
 
     def _decompress(self, payload, shape, dtype):
         return payload.view(shape)
@@ -972,8 +972,8 @@ class _KeepFlat(NullSpikeCompressor):
 
 def test_in_place_write_into_an_input_a_compressor_keeps_a_view_of_raises():
     x = torch.randn(T, N, 4)
-    with pytest.raises(RuntimeError, match="_KeepFlat keeps x_seq's memory"):
-        GCContainer(_KeepFlat(), nn.Identity(), nn.ELU(inplace=True), nn.Linear(4, 3))(x)
+    with pytest.raises(RuntimeError, match="_SameMemory keeps x_seq's memory"):
+        GCContainer(_SameMemory(), nn.Identity(), nn.ELU(inplace=True), nn.Linear(4, 3))(x)
 
 
 def test_container_arguments_without_tensors_reach_the_function_as_they_are():
@@ -994,16 +994,6 @@ def test_dropout_of_ours_with_inplace_is_not_copied_first():
     x = torch.randn(T, N, 4)
     GCContainer(_spy(seen)(), layer.Dropout(0.5, inplace=True), nn.Linear(4, 3))(x)
     assert seen.pop() is x
-
-
-class _SameMemory(BaseSpikeCompressor):
-    """Keeps a reshaped view of its input (the memory of x_seq itself)."""
-
-    def _compress(self, s):
-        return s.view(-1)
-
-    def _decompress(self, payload, shape, dtype):
-        return payload.view(shape)
 
 
 def test_in_place_first_module_with_a_compressor_keeping_the_input_memory_is_exact():
