@@ -30,13 +30,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 SURROGATES, NEURONS, CONFIGS = _kernels.SURROGATES, _kernels.NEURONS, _kernels.CONFIGS
-f16_reference = _kernels.f16_reference
-
-
-def ref_backward(*args):
-    """:func:`kernels.ref_backward` as autograd runs it: without a graph (it is first-order only)."""
-    with torch.no_grad():
-        return _kernels.ref_backward(*args)
+f16_reference, ref_backward = _kernels.f16_reference, _kernels.ref_backward
 
 _inputs, _run, BIT_DTYPES = _kernels.inputs, _kernels.run, _kernels.BIT_TORCH_DTYPES
 

@@ -55,10 +55,14 @@ def f16_reference(x16, v16, p, store):
 
 
 def ref_backward(h, p, store, grad_spike, grad_v):
-    """The torch reference backward (float32) from a given ``h_seq``: ``(grad_x, grad_v0)``."""
+    """The torch reference backward (float32) from a given ``h_seq``: ``(grad_x, grad_v0)``.
+
+    Run as autograd runs it: without a graph (it is first-order only and raises otherwise).
+    """
     ctx = type("Ctx", (), {})()
     ctx.saved_tensors, ctx.p, ctx.store_v_seq, ctx.needs_input_grad = (h,), p, store, (True, True, False, False)
-    gx, gv0, _, _ = _reference._MultiStep.backward(ctx, grad_spike, grad_v)
+    with torch.no_grad():
+        gx, gv0, _, _ = _reference._MultiStep.backward(ctx, grad_spike, grad_v)
     return gx, gv0
 
 
