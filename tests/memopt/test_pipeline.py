@@ -733,3 +733,11 @@ class _Many(nn.Module):
 def test_summary_ratio_of_an_empty_plan_is_one():
     _, s = memory_optimization(nn.Sequential(Block(4, 4)), Block, torch.rand(T, N, 4), level=0, return_summary=True)
     assert s.ratio == 1.0 and "0.00x" not in str(s)
+
+
+def test_planning_leaves_no_sample_in_v_seq():
+    net = nn.Sequential(Block(6, 8), nn.Sequential(layer.Linear(8, 8, step_mode="m"),
+                                                   neuron.LIFNode(step_mode="m", store_v_seq=True)))
+    x = (torch.rand(T, N, 6) > 0.5).float()
+    memory_optimization(net, Block, x)
+    assert net[1][1].v_seq is None
