@@ -212,6 +212,8 @@ def test_dropout_mask_shared_over_time_until_reset():
 
 
 def test_dropout_takes_torch_inplace_argument_keyword_only():
+    with pytest.raises(TypeError):
+        layer.Dropout(0.5, "m", True)  # positional: SpikingJelly's (p, step_mode) order stays
     d = layer.Dropout(0.5, "m", inplace=True)
     x = torch.ones(3, 2, 4)
     y = d(x)

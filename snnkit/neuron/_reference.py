@@ -89,6 +89,8 @@ def multistep(
     segment) nothing is kept for backward and ``h_seq`` is never stored.
     A surrogate with ``spiking=False`` (outputs not 0/1) runs ``T`` plain :func:`step` calls.
     """
+    if not len(x_seq):  # no steps: no spikes (an empty tensor in the graph), the state as it was
+        return x_seq * 0, (torch.empty_like(x_seq) if store_v_seq else v)
     if not p.surrogate.spiking:
         return _step_loop(x_seq, v, p, store_v_seq)
     if needs_graph(x_seq, v):
@@ -121,7 +123,7 @@ def needs_graph(x_seq: torch.Tensor, v: torch.Tensor) -> bool:
 def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
     """The forward time loop: ``(spike_seq, v_seq or v_last, h_seq or None)``, no graph."""
     h_seq = torch.empty_like(x_seq) if keep_h else None
-    h_buf = None if keep_h or not len(x_seq) else torch.empty_like(x_seq[0])
+    h_buf = None if keep_h else torch.empty_like(x_seq[0])
     spike_seq = torch.empty_like(x_seq)
     v_seq = torch.empty_like(x_seq) if store_v_seq else None
     # Once v is a tensor of this loop's own (not the caller's state), each step resets into it.

@@ -575,8 +575,23 @@ class _SumStage(nn.Sequential):
         return out
 
 
+def _chains_of(net, types, x):
+    """Paths of the chains of blocks the planner would run as temporal segments."""
+    blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, types)]
+    for b in blocks:
+        b.site.put(_wrapping._wrap(b.block, NullSpikeCompressor()))
+    with _wrapping._StateGuard(net):
+        _planner._cut_step(net, blocks, (x,), None)
+    unwrap_gc(net)
+    return [[b.path for b in chain] for chain in _planner._chains(blocks)]
+
+
 def test_a_sequential_with_its_own_forward_is_neither_split_nor_chained():
     assert _wrapping._spatial_parts(_ResSeq(4)) is None
+    x = (torch.rand(8, N, 6) > 0.5).float()
+    blocks = [Block(6, 6) for _ in range(4)]
+    assert _chains_of(nn.Sequential(*copy.deepcopy(blocks)), Block, x) == [["0", "1", "2", "3"]]  # control
+    assert _chains_of(nn.Sequential(_SumStage(*blocks)), Block, x) == []
     x = (torch.rand(8, N, 6) > 0.5).double()
     for net, types in [
         (nn.Sequential(*[_ResSeq(6) for _ in range(4)], layer.Linear(6, 2, step_mode="m")), _ResSeq),

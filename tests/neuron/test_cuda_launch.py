@@ -152,7 +152,7 @@ def test_backward_kernel_goes_through_the_same_launcher(fake_cupy):
     t = torch.zeros(2, 16, dtype=torch.float16).as_subclass(_OnCuda0)
     args = (t, t, t, t, t[0], 1.0, 0.0, 2.0, 0.5, 1, 2, 16)
     ops._cupy_launcher(*ops._backward_kernel(spec), 2, args)
-    assert fake_cupy.compiled == [(codegen.backward_name(spec), codegen.backward_source(spec), ("--fmad=false",), 0)]
+    assert fake_cupy.compiled == [(codegen.backward_name(spec), codegen.backward_source(spec), codegen.NVCC_OPTIONS, 0)]
     (launch,) = fake_cupy.launches
     assert launch["grid"] == (1,) and launch["device"] is None  # cuda:0 is current: no switch
     assert [type(a) for a in launch["args"]] == [np.uint64] * 5 + [np.float32] * 4 + [np.int32] * 2 + [np.int64]

@@ -69,6 +69,7 @@ def _every_kernel():
     return list(kernels.values())
 
 
+@pytest.mark.slow  # about 30 s when its cache (keyed by the sources) is cold
 def test_every_source_compiles_for_sm80_and_sm90(tmp_path):
     kernels = _every_kernel()
     cu = tmp_path / "all.cu"

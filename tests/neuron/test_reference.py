@@ -231,3 +231,6 @@ def test_multistep_of_an_empty_sequence(grad):
     v0 = torch.full((2, 3), 0.25)
     spikes, v = multistep(x, v0, p)
     assert spikes.shape == (0, 2, 3) and torch.equal(v, v0)
+    if grad:
+        spikes.sum().backward()
+        assert x.grad.shape == (0, 2, 3)
