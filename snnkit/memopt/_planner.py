@@ -212,16 +212,16 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
         b.state_bytes += _nbytes(b.state)
         # Each tensor input a leaf of its own: the block's backward stops there, and its gradient
         # goes on to the cuts before it from here (not through what the loss's backward freed).
-        b.pairs = [(a, a.detach().requires_grad_()) if isinstance(a, torch.Tensor) and a.requires_grad else (a, a)
-                   for a in args]
+        leaves = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad else a
+                       for a in args)
         tracker = MemoryTracker()
         tracker.__enter__()
-        open_trackers.append((tracker, time.perf_counter()))
-        return tuple(leaf for _, leaf in b.pairs)
+        open_trackers.append((tracker, time.perf_counter(), [(a, t) for a, t in zip(args, leaves) if t is not a]))
+        return leaves
 
     def post(container, args, out):
         b = by_id[id(container)]
-        tracker, t0 = open_trackers.pop()
+        tracker, t0, pairs = open_trackers.pop()
         tracker.__exit__(None, None, None)
         b.t_fwd += time.perf_counter() - t0
         b.fwd_gc, b.out_bytes = max(b.fwd_gc, tracker.peak_bytes), max(b.out_bytes, _nbytes(out))
@@ -229,8 +229,7 @@ def _cut_step(net: nn.Module, blocks: List[_Block], inputs: tuple, loss_fn) -> f
             return None
         leaf = out.detach().requires_grad_()
         x = b.x.untyped_storage().data_ptr() if b.x is not None else None
-        cuts.append((b, out, leaf, [(a, t) for a, t in b.pairs if t is not a], (x, _nbytes(b.x))))
-        b.pairs = []
+        cuts.append((b, out, leaf, pairs, (x, _nbytes(b.x))))
         return leaf
 
     for b in blocks:

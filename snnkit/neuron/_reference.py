@@ -106,8 +106,6 @@ def _step_loop(x_seq, v, p, store_v_seq):
         spike, v = step(x, v if isinstance(v, torch.Tensor) else torch.full_like(x, v), p)
         spikes.append(spike)
         vs.append(v)
-    if not spikes:
-        return torch.empty_like(x_seq), (torch.empty_like(x_seq) if store_v_seq else v)
     return torch.stack(spikes), (torch.stack(vs) if store_v_seq else v)
 
 
@@ -128,7 +126,7 @@ def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
     v_seq = torch.empty_like(x_seq) if store_v_seq else None
     # Once v is a tensor of this loop's own (not the caller's state), each step resets into it.
     own = not isinstance(v, torch.Tensor)
-    if own and len(x_seq):
+    if own:
         v = torch.full_like(x_seq[0], v)
     for t in range(x_seq.shape[0]):
         h = charge(x_seq[t], v, p, out=h_seq[t] if keep_h else h_buf)
@@ -145,15 +143,19 @@ def _leak(p: NeuronParams) -> float:
     return 1.0 if p.kind == "if" else 1.0 - 1.0 / p.tau
 
 
-def _sg_into(h: torch.Tensor, p: NeuronParams, in_place: bool) -> torch.Tensor:
-    """Overwrite ``h = H[t]`` with the surrogate derivative at ``H[t] - V_th`` and return it.
+def _sg(x: torch.Tensor, p: NeuronParams, in_place: bool) -> torch.Tensor:
+    """The surrogate derivative at ``x``, in ``x``'s memory when ``in_place``.
 
     ``in_place``: ``p.surrogate.derivative`` is the base one, which computes in the
-    memory it is given (the built-ins); an overridden one gets a copy and its result is copied back.
+    memory it is given (the built-ins); an overridden one returns a new tensor.
     """
-    if in_place:
-        return p.surrogate.derivative(h.sub_(p.v_threshold), inplace=True)
-    return h.copy_(p.surrogate.derivative(h - p.v_threshold))
+    return p.surrogate.derivative(x, inplace=True) if in_place else p.surrogate.derivative(x)
+
+
+def _sg_into(h: torch.Tensor, p: NeuronParams, in_place: bool) -> torch.Tensor:
+    """Overwrite ``h = H[t]`` with the surrogate derivative at ``H[t] - V_th`` and return it."""
+    sg = _sg(h.sub_(p.v_threshold), p, in_place)
+    return sg if sg is h else h.copy_(sg)
 
 
 _keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -210,8 +212,7 @@ class _MultiStep(torch.autograd.Function):
                 if p.detach_reset:
                     sg = _sg_into(h, p, in_place)
                 else:  # needs H and sg at once
-                    h_x = h - p.v_threshold
-                    sg_t = p.surrogate.derivative(h_x, inplace=True) if in_place else p.surrogate.derivative(h_x)
+                    sg_t = _sg(h - p.v_threshold, p, in_place)
                     dv_dh.addcmul_(h, sg_t, value=-1.0)
                     if p.v_reset != 0.0:
                         dv_dh.add_(sg_t, alpha=p.v_reset)

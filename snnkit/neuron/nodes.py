@@ -153,8 +153,7 @@ class BaseNode(MemoryModule):
         """Keep ``v_seq``: from a plain forward, or the first forward of a GC segment (never its recompute)."""
         if in_gc_recompute():
             return
-        if in_gc_1st_forward() and not getattr(self, "_warned_gc_v_seq", False):
-            self._warned_gc_v_seq = True
+        if in_gc_1st_forward():  # Python shows it once per calling line
             warnings.warn(
                 f"{type(self).__name__}(store_v_seq=True) inside a GC segment: v_seq is recorded without a "
                 "gradient (it is not an output of the segment), and in a TCGCContainer it holds the last chunk "
