@@ -147,14 +147,9 @@ class _StateGuard:
                 m.reset()
 
     def __exit__(self, *exc):
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
+        self.fresh()  # also clears what reset() clears besides the memories (a neuron's v_seq)
         for p, g in self.grads:
             p.grad = g
-        for m in self.net.modules():  # what reset() clears besides the memories (a neuron's v_seq)
-            if isinstance(m, base.MemoryModule):
-                m.reset()
         base.load_memories(self.net, self.mem)
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None:
