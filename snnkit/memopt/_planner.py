@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import base
 from ..base import StepModule
@@ -426,13 +427,27 @@ def _chains(blocks: List[_Block]) -> List[List[_Block]]:
     return [c for c in chains if len(c) >= 2]
 
 
-def _family(chain: List[_Block], size: int, n_chunk: int, plain_tail: int = 0) -> List[Tuple[int, int, Any]]:
-    """Groups ``(start, end, kind)`` of ``size`` blocks, each a temporal segment, the last ``plain_tail`` plain."""
+def _family(chain: List[_Block], size: int, n_chunk: int, tail=(0, None)) -> List[Tuple[int, int, Any]]:
+    """Groups ``(start, end, kind)`` of ``size`` blocks, each a temporal segment of ``n_chunk`` chunks.
+
+    ``tail = (plain, light)``: the last ``plain`` groups run as plain blocks, and
+    ``light`` makes the segment before them lighter to run: one GC segment without
+    chunks (``"whole"``, kind ``None``), or that without its last block, which runs
+    plain (``"split"``).
+    """
+    plain, light = tail
     groups = [(k, min(k + size, len(chain)), n_chunk) for k in range(0, len(chain), size)]
-    for start, end, _ in groups[len(groups) - plain_tail :] if plain_tail else []:
-        groups.remove((start, end, n_chunk))
-        groups += [(i, i + 1, "plain") for i in range(start, end)]
-    return groups
+    keep = len(groups) - plain
+    out = groups[:keep]
+    if light is not None:
+        start, end, _ = out.pop()
+        if light == "whole":
+            out.append((start, end, None))
+        else:
+            out += ([(start, end - 1, None)] if end - start > 1 else []) + [(end - 1, end, "plain")]
+    for start, end, _ in groups[keep:]:
+        out += [(i, i + 1, "plain") for i in range(start, end)]
+    return out
 
 
 def _put_groups(chain: List[_Block], groups, compress) -> None:
@@ -472,8 +487,11 @@ class _ScaledTracker(MemoryTracker):
         if self.current_bytes > before and self._next:
             self._fixed_keys.add(storage._cdata)
             self._fixed += self.current_bytes - before
-        rest = self.current_bytes - self._fixed
-        self.scaled_peak = max(self.scaled_peak, self._fixed + self.scale * rest)
+        self.scaled_peak = max(self.scaled_peak, self.scaled_current())
+
+    def scaled_current(self) -> float:
+        """``fixed + scale * rest`` of the bytes alive now."""
+        return self._fixed + self.scale * (self.current_bytes - self._fixed)
 
     def _free(self, key) -> None:
         if key in self._fixed_keys:
@@ -483,48 +501,146 @@ class _ScaledTracker(MemoryTracker):
         super()._free(key)
 
 
-def _sample_peak(net: nn.Module, inputs: tuple, loss_fn, scale: float = 1.0) -> int:
-    """Peak live tensor bytes of one real training step, scaled to the batch (state and gradients left alone)."""
+def _sample_peak(net: nn.Module, inputs: tuple, loss_fn, scale: float = 1.0, pre_hooks=()) -> int:
+    """Peak live tensor bytes of one real training step, scaled to the batch (state and gradients left alone).
+
+    ``pre_hooks``: ``(module, fn)`` pairs; ``fn(tracker, args)`` runs before each call of ``module``.
+    """
     shapes = {tuple(p.shape) for p in net.parameters() if p.requires_grad}
     with _StateGuard(net):
         for p in net.parameters():
             p.grad = None
         with _ScaledTracker(scale, shapes) as tracker:
-            _loss(_run(net, inputs), loss_fn).backward()
+            handles = [m.register_forward_pre_hook(lambda _, args, fn=fn: fn(tracker, args)) for m, fn in pre_hooks]
+            try:
+                _loss(_run(net, inputs), loss_fn).backward()
+            finally:
+                for h in handles:
+                    h.remove()
     return int(round(tracker.scaled_peak))
+
+
+class _Replay(nn.Module):
+    """Stands in for the blocks before a suffix of a chain: gives the input the suffix got in the reference step."""
+
+    def __init__(self, x: torch.Tensor, requires_grad: bool):
+        super().__init__()
+        self.x, self.requires_grad = x, requires_grad
+
+    def forward(self, *args):
+        return self.x.clone().requires_grad_(self.requires_grad)
+
+
+_LIGHTER = ("plain", "split", "whole")  # lighter last segments, the most recompute saved first
+
+
+class _Search:
+    """Temporal segments over consecutive blocks, measured by real steps on ``inputs`` (one sample).
+
+    A candidate plan is ``(size, n, tails)``: segments of ``size`` blocks and
+    ``n`` chunks, and per chain a tail of :func:`_family`. The first candidate
+    (2 blocks, 4 chunks) is measured by a full step, which also records, at the
+    entry of each segment, the live bytes and the segment's input. A lighter
+    tail (plain blocks or unchunked segments at the end of a chain) changes
+    the step only from that entry until the gradient leaves the suffix, so it
+    is measured by a *replay*: a step in which the chain's blocks before the
+    suffix are replaced by the recorded input, much cheaper than a full step;
+    its peak is the growth over the entry plus the live bytes recorded there.
+    Lighter tails are kept while the peak does not rise, then larger segments
+    and more chunks (full steps) while it goes down.
+
+    The search may spend ``max_trials - 1`` times the first step's time after
+    it, and stops at ``deadline``.
+    """
+
+    def __init__(self, net, chains, inputs, loss_fn, compress, scale):
+        self.net, self.chains, self.inputs, self.loss_fn = net, chains, inputs, loss_fn
+        self.compress, self.scale = compress, scale
+        self.tried: Dict[tuple, int] = {}
+        self.marks: Dict[Tuple[int, int], tuple] = {}  # (chain, segment start) -> (live bytes, input, requires_grad)
+
+    def _put(self, size, n, tails) -> None:
+        for chain, tail in zip(self.chains, tails):
+            _put_groups(chain, _family(chain, size, min(n, chain[0].steps), tail), self.compress)
+
+    def _step(self, key, what: str, pre_hooks=()) -> int:
+        try:
+            self.tried[key] = _sample_peak(self.net, self.inputs, self.loss_fn, self.scale, pre_hooks)
+        except (RuntimeError, ValueError) as e:  # e.g. BatchNorm given one value per channel by a chunk of the slice
+            _log.debug("memory_optimization: %s does not run on the sample (%s)", what, e)
+            self.tried[key] = sys.maxsize
+        return self.tried[key]
+
+    def full(self, size, n, tails, record=False) -> int:
+        """The estimated peak of a plan, by one step (``record``: mark the segment entries)."""
+        key = (size, n, tuple(tails))
+        if key not in self.tried:
+            self._put(size, n, tails)
+            hooks = []
+            for i, (chain, tail) in enumerate(zip(self.chains, tails)):
+                for start, _, _ in _family(chain, size, min(n, chain[0].steps), tail)[1:] if record else []:
+                    hooks.append((chain[start].site.get(), self._recorder(i, start)))
+            self._step(key, str(key), hooks)
+            _log.debug("memory_optimization: %d-block temporal segments of %d chunks, tails %s -> %d",
+                       size, n, tails, self.tried[key])
+        return self.tried[key]
+
+    def _recorder(self, i, start):
+        def record(tracker, args):
+            x = args[0]
+            with _disable_current_modes():  # the copy is not part of the step
+                copy = x.detach().clone()
+            self.marks[(i, start)] = (tracker.scaled_current(), copy, x.requires_grad)
+
+        return record
+
+    def replay(self, size, n, tails, i, start, best) -> int:
+        """The estimated peak of a plan that differs from the recorded one in chain ``i`` from block ``start`` on.
+
+        A plan whose plain blocks alone keep more than ``best`` is not run (its bound is returned).
+        """
+        key = (size, n, tuple(tails))
+        if key in self.tried:
+            return self.tried[key]
+        live, x, requires_grad = self.marks[(i, start)]
+        chain = self.chains[i]
+        plain = [k for s, e, kind in _family(chain, size, min(n, chain[0].steps), tails[i]) if kind == "plain"
+                 for k in range(max(s, start), e)]
+        if plain:  # at the end of the forward, what the plain blocks keep is alive at once: a lower bound
+            kept = sum(chain[k].costs["plain"].retained for k in plain)
+            bound = live + kept - (chain[start].in_bytes if plain[0] == start else 0)  # their input is in both
+            if bound > best:
+                _log.debug("memory_optimization: tails %s keep at least %d at the end of the forward", tails, bound)
+                self.tried[key] = bound
+                return bound
+        self._put(size, n, tails)
+        for b in chain[: start - 1]:
+            b.site.put(nn.Identity())
+        chain[start - 1].site.put(_Replay(x, requires_grad))
+        entry = []
+
+        def restart(tracker, args):  # the peak from the suffix's entry on
+            entry.append(tracker.scaled_current())
+            tracker.scaled_peak = entry[-1]
+
+        peak = self._step(key, f"{key} (replayed from block {start} of chain {i})",
+                         [(chain[start].site.get(), restart)])
+        if peak != sys.maxsize:
+            self.tried[key] = int(round(live + peak - entry[0]))
+        _log.debug("memory_optimization: tails %s, replayed from block %d -> %d", tails, start, self.tried[key])
+        return self.tried[key]
 
 
 def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scale: float, best: int,
                    max_trials: int):
-    """Temporal segments over consecutive blocks, measured by real steps on ``inputs`` (one sample).
+    """Search temporal segments (see :class:`_Search`); ``best`` is the estimated peak of the current plan.
 
-    From segments of 2 blocks and 4 chunks, the last segments of each chain
-    are unwrapped, then larger segments and more chunks are tried; every
-    candidate is one step, and the search stops after ``max_trials`` candidates
-    or when ``deadline`` passes (the first candidate always runs). ``best``
-    is the estimated peak of the current plan. Returns ``(peak, {chain index:
-    groups})``; ``{}`` keeps the current plan.
+    Returns ``(peak, {chain index: groups})``; ``{}`` keeps the current plan.
     """
     saved = [b.site.get() for c in chains for b in c]
-    longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
-    tried: Dict[Tuple[int, int, int], int] = {}
-
-    def trial(size, n, tail=0) -> int:
-        key = (size, n, tail)
-        if key not in tried:
-            for chain in chains:
-                _put_groups(chain, _family(chain, size, min(n, chain[0].steps), tail), compress)
-            try:
-                tried[key] = _sample_peak(net, inputs, loss_fn, scale)
-            except (RuntimeError, ValueError) as e:  # e.g. BatchNorm given one value per channel by a chunk of the slice
-                _log.debug("memory_optimization: %s does not run on the sample (%s)", key, e)
-                tried[key] = sys.maxsize
-            _log.debug("memory_optimization: %d-block temporal segments of %d chunks, last %d plain -> %d",
-                       size, n, tail, tried[key])
-        return tried[key]
-
+    search = _Search(net, chains, inputs, loss_fn, compress, scale)
     try:
-        return _climb(trial, tried, best, longest, steps, deadline, chains, max_trials)
+        return _climb(search, best, deadline, max_trials)
     finally:  # back to the plan of the analytic stages; the caller applies the choice
         k = 0
         for chain in chains:
@@ -533,27 +649,58 @@ def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scal
                 k += 1
 
 
-def _climb(trial, tried, best, longest, steps, deadline, chains, max_trials):
-    def more() -> bool:
-        return time.perf_counter() <= deadline and len(tried) < max_trials
-
-    if trial(2, 4) >= best:
+def _climb(search: _Search, best, deadline, max_trials):
+    chains = search.chains
+    size, n, tails = 2, 4, [(0, None)] * len(chains)
+    t0 = time.perf_counter()
+    if search.full(size, n, tails, record=True) >= best:
         return best, {}
-    best, (size, n), tail = tried[(2, 4, 0)], (2, 4), 0
-    groups = min(-(-len(c) // size) for c in chains)
-    while more() and tail + 1 < groups:  # unwrap the last segments while the peak does not rise
-        if trial(size, n, tail + 1) > best:
+    best, now = search.tried[(size, n, tuple(tails))], time.perf_counter()
+    step_s = now - t0
+    limit = min(deadline, now + (max_trials - 1) * step_s)
+    replay_s = [step_s / 2]  # the last replay's time (a guess until one ran)
+
+    def affordable(cost) -> bool:
+        return time.perf_counter() + cost <= limit
+
+    def lighter(i):
+        """Chain ``i``'s lightest tail that does not raise the peak; None when out of time."""
+        groups = -(-len(chains[i]) // size)
+        while tails[i][1] is None and tails[i][0] + 1 < groups:  # the first segment stays (replays start after it)
+            start = (groups - tails[i][0] - 1) * size
+            for light in _LIGHTER:
+                if light == "split" and min(start + size, len(chains[i])) - start == 1:
+                    continue  # a one-block segment: the same as plain
+                if not affordable(replay_s[0]):
+                    return None
+                cand = list(tails)
+                cand[i] = (tails[i][0] + 1, None) if light == "plain" else (tails[i][0], light)
+                t = time.perf_counter()
+                peak = search.replay(size, n, cand, i, start, best)
+                replay_s[0] = time.perf_counter() - t
+                if peak <= best:
+                    tails[:] = cand
+                    break
+            else:
+                return tails
+        return tails
+
+    # the chain whose segments run last first: a lighter tail changes the step only from its entry on
+    last = {i: k for k, (i, _) in enumerate(search.marks)}
+    for i in sorted(last, key=last.get, reverse=True):
+        if lighter(i) is None:
             break
-        best, tail = tried[(size, n, tail + 1)], tail + 1
     moved = True
-    while moved and more():  # then larger segments or more chunks, while the peak goes down
+    longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
+    while moved and affordable(step_s):  # then larger segments or more chunks, while the peak goes down
         moved = False
         for cand in ((size + 1, n), (size, 2 * n)):
-            if 1 <= cand[0] <= longest and 2 <= cand[1] <= steps and cand + (tail,) not in tried and more():
-                if trial(*cand, tail) < best:
-                    best, (size, n), moved = tried[(*cand, tail)], cand, True
+            key = cand + (tuple(tails),)
+            if 1 <= cand[0] <= longest and 2 <= cand[1] <= steps and key not in search.tried and affordable(step_s):
+                if search.full(*cand, tails) < best:
+                    best, (size, n), moved = search.tried[key], cand, True
                     break
-    return best, {i: _family(c, size, min(n, c[0].steps), tail) for i, c in enumerate(chains)}
+    return best, {i: _family(c, size, min(n, c[0].steps), tails[i]) for i, c in enumerate(chains)}
 
 
 def _realize(b: _Block, compress) -> nn.Module:
@@ -570,8 +717,8 @@ def _row(b: _Block) -> Dict[str, Any]:
         return {
             "path": b.path,
             "type": type(b.block).__name__,
-            "action": "temporal",
-            "parts": n,
+            "action": "gc" if n is None else "temporal",  # None: one segment of several blocks, not chunked
+            "parts": n or 1,
             "compressor": b.compressors.get("gc", "-") if head == b.path else "-",
             "retained_bytes": 0,
             "recompute_s": b.t_fwd,

@@ -19,8 +19,9 @@ anything else -> :class:`~snnkit.memopt.NullSpikeCompressor`).
    together chunk by chunk, so the gradient between them only ever exists
    for one chunk of time steps,
 4. greedy unwrap: segments whose recompute buys the least memory per second go
-   back to plain modules as long as the peak does not rise (and, for the
-   multi-block segments, the last blocks of each chain).
+   back to plain modules as long as the peak does not rise; at the end of a
+   chain of multi-block segments, the last segments become lighter to run
+   (plain blocks, or one segment without chunks) as long as the peak does not rise.
 
 Each step is kept only if the estimated peak goes down (unwrap: does not go up).
 
@@ -40,12 +41,26 @@ segments is computed: the forward of block ``k`` peaks at
 parameter_grads(j > k)``; spatial and temporal candidates of the peak block
 are measured by running that block alone on its recorded input. Temporal
 segments over several blocks are not additive, so they are measured by real
-steps, again on one sample (on CPU a half to one full step each, as the
-chunks run many small operators): segments of 2 blocks and 4 chunks, then the
-last segments of each chain unwrapped while the peak does not rise, then
-larger segments and more chunks while it goes down, within ``budget`` (3 plain
-steps by default: ``budget - 1`` candidates, and a wall-clock deadline of
-``budget`` estimated plain steps).
+steps, again on one sample (on CPU about one full step each, as the chunks run
+many small operators): first segments of 2 blocks and 4 chunks. That step
+also records, where each segment starts, the live bytes and the segment's
+input. Then the end of each chain is made lighter, segment by segment from
+the last: the segment's blocks plain, else its last block plain and the rest
+one segment without chunks, else the segment without chunks, whichever first
+keeps the peak. Such a change alters the step only from where it starts until
+the gradient leaves it, so it is measured by a *replay*: a step in which the
+chain's earlier blocks are replaced by the recorded input (a fraction of a
+full step); its peak above the start, plus the live bytes recorded there,
+bounds the real peak from above (the real step can only have freed more by
+then). Replays whose plain blocks alone would keep more than the peak at the
+end of the forward are skipped. Last, larger segments and more chunks are
+tried (full steps) while the peak goes down. The search spends at most
+``budget - 1`` times its first step's time after it (``budget`` is 3 plain
+steps by default), and stops at a deadline of ``budget`` estimated plain steps.
+A lighter end is worth it where the last segments do not hold the peak: their
+recompute runs first in backward, when little else is alive (on the SEW
+benchmark net the last block runs plain and the one before unchunked at the
+same peak, and the step is faster).
 The block model does not see what lies between and after the blocks (pools,
 the head, the loss), so when no multi-block search measured the final plan, one
 more step of it on the sample (scaled) gives the reported peaks, if the budget
@@ -274,9 +289,10 @@ class MemOptSummary:
             parts, ``"-"`` when unwrapped), ``retained_bytes`` and
             ``recompute_s`` (forward time the plan recomputes in backward),
             ``segment`` (path of the block whose site holds the block's GC
-            segment: itself, or the first block of a temporal segment over
-            several consecutive blocks, whose other sites hold placeholders;
-            ``retained_bytes`` is not modelled for those and reads 0).
+            segment: itself, or the first block of a segment over several
+            consecutive blocks (``"temporal"``, or ``"gc"`` when not chunked),
+            whose other sites hold placeholders; ``retained_bytes`` is not
+            modelled for those and reads 0).
         peak_before: Peak live tensor bytes of a plain step (estimated from
             the measurements, calibrated by the sampled or verification step).
         peak_after: Peak of a step of the planned net (measured when
@@ -445,6 +461,7 @@ def memory_optimization(
             measured on the whole batch.
         budget: Planning budget in plain training steps (see the module
             docstring); more lets the segment search try more candidates.
+            The search spends ``budget - 1`` times its first candidate's time.
 
     Returns:
         ``net``, or ``(net, summary)`` with ``return_summary=True``.

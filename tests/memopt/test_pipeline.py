@@ -2,6 +2,8 @@
 import copy
 import logging
 import sys
+import time
+import types
 import weakref
 
 import pytest
@@ -364,9 +366,13 @@ def test_planner_makes_temporal_segments_and_reports_them(conv_type):
     merged = [r for r in s.rows if r["segment"] != r["path"]]
     assert merged, "expected a temporal segment over several blocks on this net"
     for r in merged:
-        assert isinstance(net[int(r["path"])], _wrapping._Merged) and r["action"] == "temporal"
+        assert isinstance(net[int(r["path"])], _wrapping._Merged) and r["action"] in ("temporal", "gc")
         head = net[int(r["segment"])]
-        assert isinstance(head, TCGCContainer) and head.n_chunk == r["parts"] and len(head) >= 2
+        assert len(head) >= 2
+        if r["action"] == "temporal":
+            assert isinstance(head, TCGCContainer) and head.n_chunk == r["parts"]
+        else:  # a lighter last segment: several blocks, not chunked
+            assert type(head) is GCContainer and r["parts"] == 1
     # the one-sample estimate, scaled to the batch, is close to the measured peak
     assert abs(s.peak_after_estimate - s.peak_after) <= 0.1 * s.peak_after
     assert s.peak_after < s.peak_before
@@ -376,6 +382,118 @@ def test_planner_makes_temporal_segments_and_reports_them(conv_type):
     _assert_same(_grads(net, x), ref)
     unwrap_gc(net)
     assert list(net)[:4] == blocks
+
+
+def test_family_tails():
+    chain = [None] * 5  # only its length counts
+    assert _planner._family(chain, 2, 4) == [(0, 2, 4), (2, 4, 4), (4, 5, 4)]
+    assert _planner._family(chain, 2, 4, (1, None)) == [(0, 2, 4), (2, 4, 4), (4, 5, "plain")]
+    assert _planner._family(chain, 2, 4, (1, "split")) == [(0, 2, 4), (2, 3, None), (3, 4, "plain"), (4, 5, "plain")]
+    assert _planner._family(chain, 2, 4, (1, "whole")) == [(0, 2, 4), (2, 4, None), (4, 5, "plain")]
+    assert _planner._family(chain, 2, 4, (0, "split")) == [(0, 2, 4), (2, 4, 4), (4, 5, "plain")]  # one block
+    assert _planner._family(chain, 3, 2, (1, None)) == [(0, 3, 2), (3, 4, "plain"), (4, 5, "plain")]
+
+
+def _conv_chain(widths=(16, 16, 16, 16, 16)):
+    torch.manual_seed(0)
+    chans = (2,) + widths
+    blocks = [ConvNoBN(a, b) for a, b in zip(chans, chans[1:])]
+    net = nn.Sequential(*blocks, layer.Flatten(step_mode="m"), layer.Linear(chans[-1] * 12 * 12, 2, step_mode="m"))
+    return net.double(), (torch.rand(8, 4, 2, 12, 12) > 0.5).double()
+
+
+def test_replayed_suffix_bounds_the_full_step():
+    # A lighter tail is measured by replaying the chain from its first changed segment
+    # on the recorded input: an upper bound of the real step's peak, and a close one.
+    net, x = _conv_chain()
+    blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, ConvNoBN)]
+    for b in blocks:
+        b.site.put(_wrapping._wrap(b.block, NullSpikeCompressor()))
+    with _wrapping._StateGuard(net):
+        sliced, scale = _planner._batch_slice(net, (x,), None)
+        _planner._cut_step(net, blocks, sliced, None)
+        for b in blocks:
+            b.rescale(scale)
+            _planner._gc_and_plain_costs(b, NullSpikeCompressor())
+        chains = _planner._chains(blocks)
+        search = _planner._Search(net, chains, sliced, None, "auto", scale)
+        ref = search.full(2, 4, [(0, None)], record=True)
+        assert sorted(search.marks) == [(0, 2), (0, 4)]
+        ratios = []
+        for tail, start in [((1, None), 4), ((0, "whole"), 4), ((2, None), 2), ((1, "split"), 2), ((1, "whole"), 2)]:
+            replayed = search.replay(2, 4, [tail], 0, start, best=sys.maxsize)
+            search.tried = {(2, 4, ((0, None),)): ref}
+            full = search.full(2, 4, [tail])
+            assert full <= replayed <= 1.2 * full, tail
+            ratios.append(replayed / full)
+        assert min(ratios) < 1.01
+
+
+class _ScriptedSearch:
+    """Stands in for _planner._Search: peaks from a table, replays logged."""
+
+    def __init__(self, length, peaks):
+        self.chains = [[types.SimpleNamespace(steps=8)] * length]
+        self.peaks, self.tried, self.replays = peaks, {}, []
+        self.marks = {(0, start): None for start in range(2, length, 2)}
+
+    def full(self, size, n, tails, record=False):
+        if record:  # the reference step: its time is the search's unit of time
+            time.sleep(0.2)
+        key = (size, n, tuple(tails))
+        self.tried[key] = self.peaks.get(key, 10**9)
+        return self.tried[key]
+
+    def replay(self, size, n, tails, i, start, best):
+        self.replays.append((tails[i], start))
+        return self.full(size, n, tails)
+
+
+@pytest.mark.parametrize(
+    "peaks, tails, replays",
+    [
+        # the last segment goes plain, then the one before cannot: it runs whole instead
+        ({((1, None),): 100, ((1, "whole"),): 95}, [(1, "whole")],
+         [((1, None), 4), ((2, None), 2), ((1, "split"), 2), ((1, "whole"), 2)]),
+        # plain raises the peak, a plain last block with the rest unchunked does not (the SEW net)
+        ({((0, "split"),): 100}, [(0, "split")], [((1, None), 4)] + [((0, "split"), 4)]),
+        # nothing lighter fits: the plan stays
+        ({}, [(0, None)], [((1, None), 4), ((0, "split"), 4), ((0, "whole"), 4)]),
+    ],
+)
+def test_climb_keeps_the_lightest_tail_that_does_not_raise_the_peak(peaks, tails, replays):
+    table = {(2, 4, key): peak for key, peak in peaks.items()}
+    table[(2, 4, ((0, None),))] = 100
+    search = _ScriptedSearch(6, table)
+    best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=3)
+    assert search.replays == replays
+    assert best == 100 and choice == {0: _planner._family([None] * 6, 2, 4, tails[0])}
+
+
+def test_climb_stops_when_its_time_is_spent():
+    search = _ScriptedSearch(6, {(2, 4, ((0, None),)): 100})
+    best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=1)
+    assert search.replays == [] and choice == {0: _planner._family([None] * 6, 2, 4)}
+
+
+def test_lighter_segments_keep_gradients_exact():
+    net, x = _conv_chain((8, 8, 8, 8))
+    ref = _grads(copy.deepcopy(net), x)
+    blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, ConvNoBN)]
+    for b in blocks:
+        b.binary = True
+    for tail in [(0, "split"), (0, "whole"), (1, None), (1, "split")]:
+        _planner._put_groups(blocks, _planner._family(blocks, 2, 4, tail), "auto")
+        _assert_same(_grads(net, x), ref)
+        unwrap_gc(net)
+        assert list(net)[:4] == [b.block for b in blocks]
+    _planner._put_groups(blocks, _planner._family(blocks, 2, 4, (1, "whole")), "auto")
+    assert type(net[0]) is GCContainer and isinstance(net[1], _wrapping._Merged) and net[2] is blocks[2].block
+    for b, (start, end, kind) in zip(blocks, [(0, 2, None), (0, 2, None), (2, 3, "plain"), (3, 4, "plain")]):
+        b.group = (blocks[start].path, kind)
+        b.compressors["gc"] = "BitSpikeCompressor"
+    rows = [_planner._row(b) for b in blocks[:2]]
+    assert [(r["action"], r["parts"], r["segment"]) for r in rows] == [("gc", 1, "0"), ("gc", 1, "0")]
 
 
 def test_planner_with_batchnorm_and_temporal_off_is_exact():
@@ -462,7 +580,7 @@ def test_summary_contents_and_state_untouched():
         module = net[int(r["path"])]
         if r["action"] == "unwrapped":
             assert isinstance(module, ConvBlock) and r["compressor"] == "-" and r["recompute_s"] == 0
-        elif r["action"] == "temporal" and r["segment"] != r["path"]:
+        elif r["action"] in ("temporal", "gc") and r["segment"] != r["path"]:
             assert isinstance(module, _wrapping._Merged)
         elif r["action"] == "temporal":
             assert isinstance(module, TCGCContainer) and module.n_chunk == r["parts"]
