@@ -301,9 +301,9 @@ class MemOptSummary:
         est_slowdown: Estimated step time of the plan over a plain step: one
             plain step plus the forwards the plan recomputes. A lower bound:
             it leaves out the cost of splitting work into temporal chunks and
-            of compression (on the CPU benchmark nets: estimated 1.26, 1.29 and
-            1.36x, measured 1.32, 1.37 and 1.60x), and on a GPU the host time of
-            small batches.
+            of compression (on the CPU benchmark nets: estimated 1.25, 1.26 and
+            1.32x, measured 1.42-1.56, 1.14 and 1.30-1.38x on a noisy machine),
+            and on a GPU the host time of small batches.
         plain_step_s: Time of a plain step as measured under the memory tracker
             (which slows every op; compare it only with ``recompute_s``).
         planning_s: Wall time of planning.
