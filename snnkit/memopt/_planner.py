@@ -577,8 +577,8 @@ class _Search:
         if key not in self.tried:
             self._put(size, n, tails)
             hooks = []
-            for i, (chain, tail) in enumerate(zip(self.chains, tails)):
-                for start, _, _ in _family(chain, size, min(n, chain[0].steps), tail)[1:] if record else []:
+            for i, (chain, tail) in enumerate(zip(self.chains, tails) if record else []):
+                for start, _, _ in _family(chain, size, min(n, chain[0].steps), tail)[1:]:
                     hooks.append((chain[start].site.get(), self._recorder(i, start)))
             self._step(key, str(key), hooks)
             _log.debug("memory_optimization: %d-block temporal segments of %d chunks, tails %s -> %d",
@@ -625,7 +625,7 @@ class _Search:
 
         peak = self._step(key, f"{key} (replayed from block {start} of chain {i})",
                          [(chain[start].site.get(), restart)])
-        if peak != sys.maxsize:
+        if peak != sys.maxsize and entry:
             self.tried[key] = int(round(live + peak - entry[0]))
         _log.debug("memory_optimization: tails %s, replayed from block %d -> %d", tails, start, self.tried[key])
         return self.tried[key]
@@ -658,37 +658,39 @@ def _climb(search: _Search, best, deadline, max_trials):
     best, now = search.tried[(size, n, tuple(tails))], time.perf_counter()
     step_s = now - t0
     limit = min(deadline, now + (max_trials - 1) * step_s)
-    replay_s = [step_s / 2]  # the last replay's time (a guess until one ran)
+    replay_s = step_s / 2  # the last replay's time (a guess until one ran)
 
     def affordable(cost) -> bool:
         return time.perf_counter() + cost <= limit
 
-    def lighter(i):
-        """Chain ``i``'s lightest tail that does not raise the peak; None when out of time."""
+    def lighten(i) -> bool:
+        """Make chain ``i``'s end lighter while the peak does not rise; False when out of time."""
+        nonlocal replay_s
         groups = -(-len(chains[i]) // size)
         while tails[i][1] is None and tails[i][0] + 1 < groups:  # the first segment stays (replays start after it)
             start = (groups - tails[i][0] - 1) * size
+            kept = False
             for light in _LIGHTER:
                 if light == "split" and min(start + size, len(chains[i])) - start == 1:
                     continue  # a one-block segment: the same as plain
-                if not affordable(replay_s[0]):
-                    return None
+                if not affordable(replay_s):
+                    return False
                 cand = list(tails)
                 cand[i] = (tails[i][0] + 1, None) if light == "plain" else (tails[i][0], light)
                 t = time.perf_counter()
-                peak = search.replay(size, n, cand, i, start, best)
-                replay_s[0] = time.perf_counter() - t
-                if peak <= best:
-                    tails[:] = cand
+                kept = search.replay(size, n, cand, i, start, best) <= best
+                replay_s = time.perf_counter() - t
+                if kept:
+                    tails[i] = cand[i]
                     break
-            else:
-                return tails
-        return tails
+            if not kept:
+                break
+        return True
 
-    # the chain whose segments run last first: a lighter tail changes the step only from its entry on
+    # the chain whose segments run last first: a lighter end changes the step only from its entry on
     last = {i: k for k, (i, _) in enumerate(search.marks)}
     for i in sorted(last, key=last.get, reverse=True):
-        if lighter(i) is None:
+        if not lighten(i):
             break
     moved = True
     longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
