@@ -435,8 +435,8 @@ def _family(chain: List[_Block], size: int, n_chunk: int, tail=(0, None)) -> Lis
     chunks (``"whole"``, kind ``None``), or that without its last block, which runs
     plain (``"split"``).
     """
-    plain, light = tail
     groups = [(k, min(k + size, len(chain)), n_chunk) for k in range(0, len(chain), size)]
+    plain, light = min(tail[0], len(groups) - 1), tail[1]  # a tail chosen for smaller segments: one stays
     keep = len(groups) - plain
     out = groups[:keep]
     if light is not None:
@@ -521,13 +521,20 @@ def _sample_peak(net: nn.Module, inputs: tuple, loss_fn, scale: float = 1.0, pre
 
 
 class _Replay(nn.Module):
-    """Stands in for the blocks before a suffix of a chain: gives the input the suffix got in the reference step."""
+    """Stands in for the blocks before a suffix of a chain: gives the input the suffix got in the reference step.
+
+    It holds what it is given (the chain's input, and through its graph what came
+    before the chain) until the replay is over, as the real step holds it until its
+    backward gets there: else the replay would free it after the suffix's entry and
+    measure its growth from too high a start.
+    """
 
     def __init__(self, x: torch.Tensor, requires_grad: bool):
         super().__init__()
-        self.x, self.requires_grad = x, requires_grad
+        self.x, self.requires_grad, self.held = x, requires_grad, ()
 
     def forward(self, *args):
+        self.held = args
         return self.x.clone().requires_grad_(self.requires_grad)
 
 

@@ -50,13 +50,15 @@ one segment without chunks, else the segment without chunks, whichever first
 keeps the peak. Such a change alters the step only from where it starts until
 the gradient leaves it, so it is measured by a *replay*: a step in which the
 chain's earlier blocks are replaced by the recorded input (a fraction of a
-full step); its peak above the start, plus the live bytes recorded there,
-bounds the real peak from above (the real step can only have freed more by
-then). Replays whose plain blocks alone would keep more than the peak at the
+full step; the stand-in holds the chain's input, and through its graph what
+came before the chain, to the end, as the real step does); its peak above the
+start, plus the live bytes recorded there, bounds the real peak from above (the
+real step can only have freed more by then). Replays whose plain blocks alone would keep more than the peak at the
 end of the forward are skipped. Last, larger segments and more chunks are
-tried (full steps) while the peak goes down. The search spends at most
-``budget - 1`` times its first step's time after it (``budget`` is 3 plain
-steps by default), and stops at a deadline of ``budget`` estimated plain steps.
+tried (full steps) while the peak goes down. In all, the search spends at most
+``budget - 1`` times the time of its first step (``budget`` is 3 plain steps by
+default: the cut step costs about one more), and stops at a deadline of
+``budget`` estimated plain steps.
 A lighter end is worth it where the last segments do not hold the peak: their
 recompute runs first in backward, when little else is alive (on the SEW
 benchmark net the last block runs plain and the one before unchunked at the
@@ -461,7 +463,8 @@ def memory_optimization(
             measured on the whole batch.
         budget: Planning budget in plain training steps (see the module
             docstring); more lets the segment search try more candidates.
-            The search spends ``budget - 1`` times its first candidate's time.
+            The segment search spends at most ``budget - 1`` times its first
+            candidate's time, that candidate included.
 
     Returns:
         ``net``, or ``(net, summary)`` with ``return_summary=True``.

@@ -392,20 +392,32 @@ def test_family_tails():
     assert _planner._family(chain, 2, 4, (1, "whole")) == [(0, 2, 4), (2, 4, None), (4, 5, "plain")]
     assert _planner._family(chain, 2, 4, (0, "split")) == [(0, 2, 4), (2, 4, 4), (4, 5, "plain")]  # one block
     assert _planner._family(chain, 3, 2, (1, None)) == [(0, 3, 2), (3, 4, "plain"), (4, 5, "plain")]
+    # a tail chosen for smaller segments, on segments so large that fewer remain: one segment stays
+    assert _planner._family(chain, 5, 4, (1, "whole")) == [(0, 5, None)]
+    assert _planner._family(chain, 3, 4, (2, None)) == [(0, 3, 4), (3, 4, "plain"), (4, 5, "plain")]
 
 
-def _conv_chain(widths=(16, 16, 16, 16, 16)):
+def _conv_chain(widths=(16, 16, 16, 16, 16), stem=False):
+    """Conv blocks in a Sequential; with ``stem``, a plain conv-BN-ReLU runs before them (its graph kept)."""
     torch.manual_seed(0)
-    chans = (2,) + widths
+    chans = ((32,) if stem else (2,)) + widths
     blocks = [ConvNoBN(a, b) for a, b in zip(chans, chans[1:])]
-    net = nn.Sequential(*blocks, layer.Flatten(step_mode="m"), layer.Linear(chans[-1] * 12 * 12, 2, step_mode="m"))
+    head = [layer.Flatten(step_mode="m"), layer.Linear(chans[-1] * 12 * 12, 2, step_mode="m")]
+    if stem:
+        first = nn.Sequential(layer.SeqToANNContainer(nn.Conv2d(2, 32, 3, padding=1), nn.BatchNorm2d(32)), nn.ReLU())
+        net = nn.Sequential(first, nn.Sequential(*blocks), *head)
+    else:
+        net = nn.Sequential(*blocks, *head)
     return net.double(), (torch.rand(8, 4, 2, 12, 12) > 0.5).double()
 
 
-def test_replayed_suffix_bounds_the_full_step():
+@pytest.mark.parametrize("stem", [False, True])
+def test_replayed_suffix_bounds_the_full_step(stem):
     # A lighter tail is measured by replaying the chain from its first changed segment
     # on the recorded input: an upper bound of the real step's peak, and a close one.
-    net, x = _conv_chain()
+    # With a stem, the stand-in for the chain's first blocks must hold the stem's graph
+    # to the end as the real step does (freed early, the replay read 24% low).
+    net, x = _conv_chain((16,) * 6 if stem else (16,) * 5, stem)
     blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, ConvNoBN)]
     for b in blocks:
         b.site.put(_wrapping._wrap(b.block, NullSpikeCompressor()))
@@ -419,6 +431,7 @@ def test_replayed_suffix_bounds_the_full_step():
         search = _planner._Search(net, chains, sliced, None, "auto", scale)
         ref = search.full(2, 4, [(0, None)], record=True)
         assert sorted(search.marks) == [(0, 2), (0, 4)]
+        assert search.marks[(0, 2)][0] < ref
         ratios = []
         for tail, start in [((1, None), 4), ((0, "whole"), 4), ((2, None), 2), ((1, "split"), 2), ((1, "whole"), 2)]:
             replayed = search.replay(2, 4, [tail], 0, start, best=sys.maxsize)
@@ -522,7 +535,7 @@ def test_two_chains_are_made_lighter_last_first_and_stay_exact(caplog):
     assert tails and tails[0].startswith("[(0, None), (") and any(t.startswith("[(1, None), (") or
                                                                   t.startswith("[(0, 'split'), (") for t in tails)
     # the estimate is the measured reference step's peak, an upper bound of the planned step's
-    assert s.peak_after <= s.peak_after_estimate * 1.1
+    assert s.peak_after <= s.peak_after_estimate * 1.02
     out, grads, mem = _grads(net, x)
     torch.testing.assert_close(out, ref[0], rtol=0, atol=1e-12)
     for g, r in zip(grads, ref[1]):
