@@ -524,9 +524,9 @@ class _Replay(nn.Module):
     """Stands in for the blocks before a suffix of a chain: gives the input the suffix got in the reference step.
 
     It holds what it is given (the chain's input, and through its graph what came
-    before the chain) until the replay is over, as the real step holds it until its
-    backward gets there: else the replay would free it after the suffix's entry and
-    measure its growth from too high a start.
+    before the chain) until the replay's step is over, as the real step holds it
+    until its backward gets there: else the replay would free it after the
+    suffix's entry and measure its growth from too high a start.
     """
 
     def __init__(self, x: torch.Tensor, requires_grad: bool):
@@ -623,7 +623,8 @@ class _Search:
         self._put(size, n, tails)
         for b in chain[: start - 1]:
             b.site.put(nn.Identity())
-        chain[start - 1].site.put(_Replay(x, requires_grad))
+        stand_in = _Replay(x, requires_grad)
+        chain[start - 1].site.put(stand_in)
         entry = []
 
         def restart(tracker, args):  # the peak from the suffix's entry on
@@ -631,7 +632,8 @@ class _Search:
             tracker.scaled_peak = entry[-1]
 
         peak = self._step(key, f"{key} (replayed from block {start} of chain {i})",
-                         [(chain[start].site.get(), restart)])
+                          [(chain[start].site.get(), restart)])
+        stand_in.held = ()  # the step is over: what came before the chain may go
         if peak != sys.maxsize and entry:
             self.tried[key] = int(round(live + peak - entry[0]))
         _log.debug("memory_optimization: tails %s, replayed from block %d -> %d", tails, start, self.tried[key])
