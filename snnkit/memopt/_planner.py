@@ -476,6 +476,7 @@ class _ScaledTracker(MemoryTracker):
         super().__init__()
         self.scale, self.fixed_shapes = scale, fixed_shapes
         self.scaled_peak, self._fixed, self._fixed_keys, self._next = 0.0, 0, set(), False
+        self.windows: Dict[Any, float] = {}  # key -> scaled peak since the key was opened
 
     def _track(self, t: torch.Tensor) -> None:
         self._next = tuple(t.shape) in self.fixed_shapes
@@ -487,7 +488,11 @@ class _ScaledTracker(MemoryTracker):
         if self.current_bytes > before and self._next:
             self._fixed_keys.add(storage._cdata)
             self._fixed += self.current_bytes - before
-        self.scaled_peak = max(self.scaled_peak, self.scaled_current())
+        now = self.scaled_current()
+        self.scaled_peak = max(self.scaled_peak, now)
+        for key, peak in self.windows.items():
+            if now > peak:
+                self.windows[key] = now
 
     def scaled_current(self) -> float:
         """``fixed + scale * rest`` of the bytes alive now."""
@@ -535,36 +540,48 @@ class _Replay(nn.Module):
 
     def forward(self, *args):
         self.held = args
-        return self.x.clone().requires_grad_(self.requires_grad)
+        if not self.requires_grad:
+            return self.x.clone()
+        # Not a leaf, as the real input is not: the autograd engine runs the gradient
+        # node of a leaf as soon as it can, that of an earlier node after the suffix's
+        # nodes, and the replay reads what is alive when the gradient leaves the suffix.
+        return self.x.clone().requires_grad_().clone()
 
 
 _LIGHTER = ("plain", "split", "whole")  # lighter last segments, the most recompute saved first
+
+
+@dataclasses.dataclass
+class _Mark:
+    """What the reference step saw where a segment starts (scaled bytes)."""
+
+    live: float  # alive at the segment's entry
+    x: torch.Tensor  # the segment's input (a copy)
+    requires_grad: bool
+    exit: Optional[float] = None  # alive when the gradient left the segment and what follows it
+    windows: Optional[dict] = None  # the reference step's tracker windows: the step's peak from then on
 
 
 class _Search:
     """Temporal segments over consecutive blocks, measured by real steps on ``inputs`` (one sample).
 
     A candidate plan is ``(size, n, tails)``: segments of ``size`` blocks and
-    ``n`` chunks, and per chain a tail of :func:`_family`. The first candidate
-    (2 blocks, 4 chunks) is measured by a full step, which also records, at the
-    entry of each segment, the live bytes and the segment's input. A lighter
-    tail (plain blocks or unchunked segments at the end of a chain) changes
-    the step only from that entry until the gradient leaves the suffix, so it
-    is measured by a *replay*: a step in which the chain's blocks before the
-    suffix are replaced by the recorded input, much cheaper than a full step;
-    its peak is the growth over the entry plus the live bytes recorded there.
-    Lighter tails are kept while the peak does not rise, then larger segments
-    and more chunks (full steps) while it goes down.
-
-    The search may spend ``max_trials - 1`` times the first step's time after
-    it, and stops at ``deadline``.
+    ``n`` chunks, and per chain a tail of :func:`_family`. A full step of a plan
+    with no tails also records a :class:`_Mark` where each segment starts. A
+    lighter tail changes the step from that entry on, so it is measured by a
+    *replay*: a step in which the chain's blocks before the suffix are replaced
+    by the recorded input, much cheaper than a full step. Until the gradient
+    leaves the suffix, the replay's growth over the entry plus the live bytes
+    recorded there bound the real step; after that, the real step runs as the
+    reference did, plus what the suffix leaves alive beyond what the reference
+    left (tensors kept on modules, e.g. a neuron's ``v_seq``).
     """
 
     def __init__(self, net, chains, inputs, loss_fn, compress, scale):
         self.net, self.chains, self.inputs, self.loss_fn = net, chains, inputs, loss_fn
         self.compress, self.scale = compress, scale
         self.tried: Dict[tuple, int] = {}
-        self.marks: Dict[Tuple[int, int], tuple] = {}  # (chain, segment start) -> (live bytes, input, requires_grad)
+        self.marks: Dict[Tuple[int, int], _Mark] = {}  # (chain, segment start) -> mark
 
     def _put(self, size, n, tails) -> None:
         for chain, tail in zip(self.chains, tails):
@@ -579,14 +596,16 @@ class _Search:
         return self.tried[key]
 
     def full(self, size, n, tails, record=False) -> int:
-        """The estimated peak of a plan, by one step (``record``: mark the segment entries)."""
+        """The estimated peak of a plan, by one step (``record``: mark the segment entries, anew)."""
         key = (size, n, tuple(tails))
-        if key not in self.tried:
+        if key not in self.tried or record:
             self._put(size, n, tails)
             hooks = []
-            for i, (chain, tail) in enumerate(zip(self.chains, tails) if record else []):
-                for start, _, _ in _family(chain, size, min(n, chain[0].steps), tail)[1:]:
-                    hooks.append((chain[start].site.get(), self._recorder(i, start)))
+            if record:
+                self.marks = {}
+                for i, (chain, tail) in enumerate(zip(self.chains, tails)):
+                    for start, _, _ in _family(chain, size, min(n, chain[0].steps), tail)[1:]:
+                        hooks.append((chain[start].site.get(), self._recorder(i, start)))
             self._step(key, str(key), hooks)
             _log.debug("memory_optimization: %d-block temporal segments of %d chunks, tails %s -> %d",
                        size, n, tails, self.tried[key])
@@ -597,7 +616,14 @@ class _Search:
             x = args[0]
             with _disable_current_modes():  # the copy is not part of the step
                 copy = x.detach().clone()
-            self.marks[(i, start)] = (tracker.scaled_current(), copy, x.requires_grad)
+            mark = self.marks[(i, start)] = _Mark(tracker.scaled_current(), copy, x.requires_grad)
+            if x.requires_grad:
+                def left(grad):
+                    mark.exit = tracker.scaled_current()
+                    tracker.windows[(i, start)] = mark.exit
+
+                x.register_hook(left)
+                mark.windows = tracker.windows  # final once the step is over
 
         return record
 
@@ -609,13 +635,13 @@ class _Search:
         key = (size, n, tuple(tails))
         if key in self.tried:
             return self.tried[key]
-        live, x, requires_grad = self.marks[(i, start)]
+        mark = self.marks[(i, start)]
         chain = self.chains[i]
         plain = [k for s, e, kind in _family(chain, size, min(n, chain[0].steps), tails[i]) if kind == "plain"
                  for k in range(max(s, start), e)]
         if plain:  # at the end of the forward, what the plain blocks keep is alive at once: a lower bound
             kept = sum(chain[k].costs["plain"].retained for k in plain)
-            bound = live + kept - (chain[start].in_bytes if plain[0] == start else 0)  # their input is in both
+            bound = mark.live + kept - (chain[start].in_bytes if plain[0] == start else 0)  # their input is in both
             if bound > best:
                 _log.debug("memory_optimization: tails %s keep at least %d at the end of the forward", tails, bound)
                 self.tried[key] = bound
@@ -623,19 +649,28 @@ class _Search:
         self._put(size, n, tails)
         for b in chain[: start - 1]:
             b.site.put(nn.Identity())
-        stand_in = _Replay(x, requires_grad)
+        stand_in = _Replay(mark.x, mark.requires_grad)
         chain[start - 1].site.put(stand_in)
-        entry = []
+        entry, exit_ = [], []
 
         def restart(tracker, args):  # the peak from the suffix's entry on
             entry.append(tracker.scaled_current())
             tracker.scaled_peak = entry[-1]
+            if args[0].requires_grad:
+                args[0].register_hook(lambda grad: exit_.append(tracker.scaled_current()))
 
         peak = self._step(key, f"{key} (replayed from block {start} of chain {i})",
                           [(chain[start].site.get(), restart)])
         stand_in.held = ()  # the step is over: what came before the chain may go
         if peak != sys.maxsize and entry:
-            self.tried[key] = int(round(live + peak - entry[0]))
+            estimate = mark.live + peak - entry[0]
+            if exit_ and mark.exit is not None:
+                more = (exit_[0] - entry[0]) - (mark.exit - mark.live)  # left alive beyond the reference
+                _log.debug("memory_optimization: tails %s leave %d more alive after their backward", tails, more)
+                # what it leaves (tensors kept on modules, e.g. a neuron's v_seq) may grow later in
+                # the step, beyond what this replay sees: such a tail is not kept
+                estimate = max(estimate, mark.windows[(i, start)] + more, best + more) if more > 0 else estimate
+            self.tried[key] = int(round(estimate))
         _log.debug("memory_optimization: tails %s, replayed from block %d -> %d", tails, start, self.tried[key])
         return self.tried[key]
 
@@ -659,15 +694,21 @@ def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scal
 
 
 def _climb(search: _Search, best, deadline, max_trials):
+    """Segments of 2 blocks and 4 chunks, lighter chain ends, then larger segments or more chunks.
+
+    Larger segments and more chunks are measured without tails (recording new
+    marks) and kept when the peak goes down; the ends are then made lighter again.
+    """
     chains = search.chains
-    size, n, tails = 2, 4, [(0, None)] * len(chains)
+    size, n, bare = 2, 4, [(0, None)] * len(chains)
     t0 = time.perf_counter()
-    if search.full(size, n, tails, record=True) >= best:
+    if search.full(size, n, bare, record=True) >= best:
         return best, {}
-    best, now = search.tried[(size, n, tuple(tails))], time.perf_counter()
+    best, now = search.tried[(size, n, tuple(bare))], time.perf_counter()
     step_s = now - t0
     limit = min(deadline, now + (max_trials - 1) * step_s)
     replay_s = step_s / 2  # the last replay's time (a guess until one ran)
+    tails = list(bare)
 
     def affordable(cost) -> bool:
         return time.perf_counter() + cost <= limit
@@ -696,20 +737,25 @@ def _climb(search: _Search, best, deadline, max_trials):
                 break
         return True
 
-    # the chain whose segments run last first: a lighter end changes the step only from its entry on
-    last = {i: k for k, (i, _) in enumerate(search.marks)}
-    for i in sorted(last, key=last.get, reverse=True):
-        if not lighten(i):
-            break
-    moved = True
+    def lighten_all() -> None:
+        # the chain whose segments run last first: a lighter end changes the step only from its entry on
+        last = {i: k for k, (i, _) in enumerate(search.marks)}
+        for i in sorted(last, key=last.get, reverse=True):
+            if not lighten(i):
+                return
+
+    lighten_all()
     longest, steps = max(len(c) for c in chains), min(c[0].steps for c in chains)
-    while moved and affordable(step_s):  # then larger segments or more chunks, while the peak goes down
+    moved = True
+    while moved and affordable(step_s):  # larger segments or more chunks, while the peak goes down
         moved = False
         for cand in ((size + 1, n), (size, 2 * n)):
-            key = cand + (tuple(tails),)
+            key = cand + (tuple(bare),)
             if 1 <= cand[0] <= longest and 2 <= cand[1] <= steps and key not in search.tried and affordable(step_s):
-                if search.full(*cand, tails) < best:
+                if search.full(*cand, bare, record=True) < best:
                     best, (size, n), moved = search.tried[key], cand, True
+                    tails = list(bare)
+                    lighten_all()
                     break
     return best, {i: _family(c, size, min(n, c[0].steps), tails[i]) for i, c in enumerate(chains)}
 

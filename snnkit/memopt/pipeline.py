@@ -47,18 +47,22 @@ also records, where each segment starts, the live bytes and the segment's
 input. Then the end of each chain is made lighter, segment by segment from
 the last: the segment's blocks plain, else its last block plain and the rest
 one segment without chunks, else the segment without chunks, whichever first
-keeps the peak. Such a change alters the step only from where it starts until
-the gradient leaves it, so it is measured by a *replay*: a step in which the
-chain's earlier blocks are replaced by the recorded input (a fraction of a
-full step; the stand-in holds the chain's input, and through its graph what
-came before the chain, to the end, as the real step does); its peak above the
-start, plus the live bytes recorded there, bounds the real peak from above (the
-real step can only have freed more by then). Replays whose plain blocks alone would keep more than the peak at the
-end of the forward are skipped. Last, larger segments and more chunks are
-tried (full steps) while the peak goes down. In all, the search spends at most
-``budget - 1`` times the time of its first step (``budget`` is 3 plain steps by
-default: the cut step costs about one more), and stops at a deadline of
-``budget`` estimated plain steps.
+keeps the peak. Such a change alters the step from where it starts, so it is
+measured by a *replay*: a step in which the chain's earlier blocks are replaced
+by the recorded input (a fraction of a full step; the stand-in holds the
+chain's input, and through its graph what came before the chain, to the end,
+as the real step does). Until the gradient leaves the changed part, the
+replay's growth above the start plus the live bytes recorded there bound the
+real step (the real step can only have freed more by then); after that the
+step runs as the first one did, and a change that leaves more alive there
+than the first step did (tensors kept on modules, such as a neuron's
+``v_seq``) is not kept. Replays whose plain blocks alone would keep more than
+the peak at the end of the forward are skipped. Last, larger segments and more
+chunks are tried (full steps, without lighter ends, which are then tried again)
+while the peak goes down. In all, the search spends at most ``budget - 1``
+times the time of its first step (``budget`` is 3 plain steps by default: the
+cut step costs about one more), and stops at a deadline of ``budget``
+estimated plain steps.
 A lighter end is worth it where the last segments do not hold the peak: their
 recompute runs first in backward, when little else is alive (on the SEW
 benchmark net the last block runs plain and the one before unchunked at the

@@ -431,7 +431,7 @@ def test_replayed_suffix_bounds_the_full_step(stem):
         search = _planner._Search(net, chains, sliced, None, "auto", scale)
         ref = search.full(2, 4, [(0, None)], record=True)
         assert sorted(search.marks) == [(0, 2), (0, 4)]
-        assert search.marks[(0, 2)][0] < ref
+        assert search.marks[(0, 2)].live < ref
         ratios = []
         for tail, start in [((1, None), 4), ((0, "whole"), 4), ((2, None), 2), ((1, "split"), 2), ((1, "whole"), 2)]:
             replayed = search.replay(2, 4, [tail], 0, start, best=sys.maxsize)
@@ -481,6 +481,16 @@ def test_climb_keeps_the_lightest_tail_that_does_not_raise_the_peak(peaks, tails
     best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=3)
     assert search.replays == replays
     assert best == 100 and choice == {0: _planner._family([None] * 6, 2, 4, tails[0])}
+
+
+def test_climb_measures_larger_segments_without_the_tails_of_smaller_ones():
+    # A tail of (1, None) means 2 plain blocks with 2-block segments but 3 with 3-block
+    # ones: larger segments are measured bare, kept if lower, then their end made lighter.
+    table = {(2, 4, ((0, None),)): 100, (2, 4, ((1, None),)): 100, (3, 4, ((0, None),)): 90}
+    search = _ScriptedSearch(6, table)
+    best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=10)
+    assert best == 90 and choice == {0: _planner._family([None] * 6, 3, 4)}
+    assert ((1, None), 3) in search.replays  # the 3-block plan's end was tried lighter too
 
 
 def test_climb_stops_when_its_time_is_spent():
@@ -540,6 +550,46 @@ def test_two_chains_are_made_lighter_last_first_and_stay_exact(caplog):
     torch.testing.assert_close(out, ref[0], rtol=0, atol=1e-12)
     for g, r in zip(grads, ref[1]):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)  # temporal chunks sum parameter gradients per chunk
+
+
+class _KeepsVSeq(ConvNoBN):
+    """A block whose neuron keeps its whole v_seq on the module: a plain block leaves it alive."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self[1].store_v_seq = True
+
+
+class _KeepsOutput(ConvNoBN):
+    """A block that keeps its output on itself (e.g. for a firing-rate monitor)."""
+
+    def forward(self, x):
+        self.spikes = super().forward(x)
+        return self.spikes
+
+
+class _Tapered(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.stem = layer.SeqToANNContainer(nn.Conv2d(2, 16, 3, padding=1))
+        widths = [16, 32, 32, 16, 8, 8, 4]
+        self.features = nn.Sequential(*[block(a, b) for a, b in zip(widths, widths[1:])])
+        self.head = layer.Linear(4 * 144, 2, step_mode="m")
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)).flatten(2))
+
+
+@pytest.mark.filterwarnings("ignore:.*store_v_seq=True.*:UserWarning")
+@pytest.mark.parametrize("block", [_KeepsVSeq, _KeepsOutput])
+def test_lighter_ends_that_leave_tensors_on_modules_do_not_raise_the_peak(block):
+    # A plain end leaves what its modules keep alive through the backward of everything
+    # before it, which no replay runs: the planner must not report a lower peak than the plan's.
+    torch.manual_seed(1)
+    net = _Tapered(block).double()
+    x = (torch.rand(4, 4, 2, 12, 12) > 0.5).double()
+    net, s = memory_optimization(net, block, x, return_summary=True, budget=1e9, verify=True)
+    assert s.peak_after <= s.peak_after_estimate * 1.01
 
 
 def test_planner_with_batchnorm_and_temporal_off_is_exact():
