@@ -308,7 +308,7 @@ class MemOptSummary:
             plain step plus the forwards the plan recomputes. A lower bound:
             it leaves out the cost of splitting work into temporal chunks and
             of compression (on the CPU benchmark nets: estimated 1.25, 1.26 and
-            1.32x, measured 1.42-1.56, 1.14 and 1.30-1.38x on a noisy machine),
+            1.32x, measured 1.30-1.56, 1.14-1.35 and 1.29-1.52x on a noisy machine),
             and on a GPU the host time of small batches.
         plain_step_s: Time of a plain step as measured under the memory tracker
             (which slows every op; compare it only with ``recompute_s``).
