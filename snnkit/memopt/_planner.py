@@ -679,12 +679,18 @@ def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scal
                    max_trials: int):
     """Search temporal segments (see :class:`_Search`); ``best`` is the estimated peak of the current plan.
 
-    Returns ``(peak, {chain index: groups})``; ``{}`` keeps the current plan.
+    Returns ``(peak, {chain index: groups}, first)``; ``{}`` keeps the current
+    plan, and ``first`` is ``(peak, groups)`` of the first candidate (measured
+    whole, where ``best`` may come from the block model, which does not see
+    what lies around the blocks).
     """
     saved = [b.site.get() for c in chains for b in c]
     search = _Search(net, chains, inputs, loss_fn, compress, scale)
     try:
-        return _climb(search, best, deadline, max_trials)
+        peak, choice = _climb(search, best, deadline, max_trials)
+        first = (search.tried[(2, 4, ((0, None),) * len(chains))], {i: _family(c, 2, min(4, c[0].steps))
+                                                                      for i, c in enumerate(chains)})
+        return peak, choice, first
     finally:  # back to the plan of the analytic stages; the caller applies the choice
         k = 0
         for chain in chains:

@@ -70,7 +70,9 @@ same peak, and the step is faster).
 The block model does not see what lies between and after the blocks (pools,
 the head, the loss), so when no multi-block search measured the final plan, one
 more step of it on the sample (scaled) gives the reported peaks, if the budget
-allows; the model's error on the plain net is corrected by the same amount.
+allows; the model's error on the plain net is corrected by the same amount. If
+that measured peak is above the first multi-block segment plan's (which the
+model's estimate had beaten), that segment plan is used instead.
 ``verify=True`` adds one real full-batch step that measures the final plan.
 
 What holds the peak
@@ -424,6 +426,16 @@ def _put_back(blocks, bar) -> None:
     bar.close()
 
 
+def _use_groups(chains, choice, compress) -> None:
+    """Put the segments of ``choice`` (``{chain index: groups}``) at the blocks' sites."""
+    for i, chain in enumerate(chains):
+        _put_groups(chain, choice[i], compress)
+        for start, end, kind in choice[i]:
+            for b in chain[start:end]:
+                b.group = (chain[start].path, kind)
+                b.config = "plain" if kind == "plain" else b.config
+
+
 def memory_optimization(
     net: nn.Module,
     block_types,
@@ -552,23 +564,23 @@ def memory_optimization(
         deadline = t_start + (budget - 0.4) * plain_step
         try:
             trials = max(1, int(round(budget)) - 1)  # the cut step costs about half a step, a candidate up to one
-            sample, choice = _search_groups(net, chains, sliced, loss_fn, compress, deadline, scale, estimate, trials)
+            sample, choice, first = _search_groups(net, chains, sliced, loss_fn, compress, deadline, scale,
+                                                   estimate, trials)
         except BaseException:
             _put_back(blocks, bar)
             raise
         if choice:
             estimate = sample
-            for i, chain in enumerate(chains):
-                _put_groups(chain, choice[i], compress)
-                for start, end, kind in choice[i]:
-                    for b in chain[start:end]:
-                        b.group = (chain[start].path, kind)
-                        b.config = "plain" if kind == "plain" else b.config
+            _use_groups(chains, choice, compress)
     calibration = 0  # what the block model misses (modules between blocks, the head, the loss)
     slice_step = 3.0 * plain_step / scale  # a tracked one-sample step of the plan, recompute included
     if not (chains and choice) and time.perf_counter() - t_start + slice_step <= budget * plain_step:
         sample = _sample_peak(net, sliced, loss_fn, scale)
         calibration, estimate = sample - estimate, sample
+        if chains and first[0] < estimate:  # measured alike, the first segment plan is lower after all
+            _log.debug("memory_optimization: the block plan measures %d, the segment plan %d", estimate, first[0])
+            estimate = first[0]
+            _use_groups(chains, first[1], compress)
     measured = estimate
     if verify:
         bar.step("verify the plan with one step")
