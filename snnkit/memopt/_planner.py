@@ -559,7 +559,7 @@ class _Mark:
     x: torch.Tensor  # the segment's input (a copy)
     requires_grad: bool
     exit: Optional[float] = None  # alive when the gradient left the segment and what follows it
-    windows: Optional[dict] = None  # the reference step's tracker windows: the step's peak from then on
+    windows: Optional[dict] = None  # the reference step's tracker windows: its peak from ``exit`` on
 
 
 class _Search:
@@ -573,8 +573,8 @@ class _Search:
     by the recorded input, much cheaper than a full step. Until the gradient
     leaves the suffix, the replay's growth over the entry plus the live bytes
     recorded there bound the real step; after that, the real step runs as the
-    reference did, plus what the suffix leaves alive beyond what the reference
-    left (tensors kept on modules, e.g. a neuron's ``v_seq``).
+    reference did, and a tail that leaves more alive there than the reference
+    did (tensors kept on modules, e.g. a neuron's ``v_seq``) is not kept.
     """
 
     def __init__(self, net, chains, inputs, loss_fn, compress, scale):
