@@ -476,7 +476,6 @@ class _ScaledTracker(MemoryTracker):
         super().__init__()
         self.scale, self.fixed_shapes = scale, fixed_shapes
         self.scaled_peak, self._fixed, self._fixed_keys, self._next = 0.0, 0, set(), False
-        self.windows: Dict[Any, float] = {}  # key -> scaled peak since the key was opened
 
     def _track(self, t: torch.Tensor) -> None:
         self._next = tuple(t.shape) in self.fixed_shapes
@@ -488,11 +487,7 @@ class _ScaledTracker(MemoryTracker):
         if self.current_bytes > before and self._next:
             self._fixed_keys.add(storage._cdata)
             self._fixed += self.current_bytes - before
-        now = self.scaled_current()
-        self.scaled_peak = max(self.scaled_peak, now)
-        for key, peak in self.windows.items():
-            if now > peak:
-                self.windows[key] = now
+        self.scaled_peak = max(self.scaled_peak, self.scaled_current())
 
     def scaled_current(self) -> float:
         """``fixed + scale * rest`` of the bytes alive now."""
@@ -559,7 +554,6 @@ class _Mark:
     x: torch.Tensor  # the segment's input (a copy)
     requires_grad: bool
     exit: Optional[float] = None  # alive when the gradient left the segment and what follows it
-    windows: Optional[dict] = None  # the reference step's tracker windows: its peak from ``exit`` on
 
 
 class _Search:
@@ -618,12 +612,7 @@ class _Search:
                 copy = x.detach().clone()
             mark = self.marks[(i, start)] = _Mark(tracker.scaled_current(), copy, x.requires_grad)
             if x.requires_grad:
-                def left(grad):
-                    mark.exit = tracker.scaled_current()
-                    tracker.windows[(i, start)] = mark.exit
-
-                x.register_hook(left)
-                mark.windows = tracker.windows  # final once the step is over
+                x.register_hook(lambda grad: setattr(mark, "exit", tracker.scaled_current()))
 
         return record
 
@@ -667,9 +656,10 @@ class _Search:
             if exit_ and mark.exit is not None:
                 more = (exit_[0] - entry[0]) - (mark.exit - mark.live)  # left alive beyond the reference
                 _log.debug("memory_optimization: tails %s leave %d more alive after their backward", tails, more)
-                # what it leaves (tensors kept on modules, e.g. a neuron's v_seq) may grow later in
-                # the step, beyond what this replay sees: such a tail is not kept
-                estimate = max(estimate, mark.windows[(i, start)] + more, best + more) if more > 0 else estimate
+                # what it leaves (tensors kept on modules, e.g. a neuron's v_seq) stays through the
+                # rest of the step, which this replay does not see: such a tail is not kept
+                if more > 0:
+                    estimate = max(estimate, best + more)
             self.tried[key] = int(round(estimate))
         _log.debug("memory_optimization: tails %s, replayed from block %d -> %d", tails, start, self.tried[key])
         return self.tried[key]
@@ -687,10 +677,7 @@ def _search_groups(net, chains, inputs, loss_fn, compress, deadline: float, scal
     saved = [b.site.get() for c in chains for b in c]
     search = _Search(net, chains, inputs, loss_fn, compress, scale)
     try:
-        peak, choice = _climb(search, best, deadline, max_trials)
-        first = (search.tried[(2, 4, ((0, None),) * len(chains))], {i: _family(c, 2, min(4, c[0].steps))
-                                                                      for i, c in enumerate(chains)})
-        return peak, choice, first
+        return _climb(search, best, deadline, max_trials)
     finally:  # back to the plan of the analytic stages; the caller applies the choice
         k = 0
         for chain in chains:
@@ -708,9 +695,11 @@ def _climb(search: _Search, best, deadline, max_trials):
     chains = search.chains
     size, n, bare = 2, 4, [(0, None)] * len(chains)
     t0 = time.perf_counter()
-    if search.full(size, n, bare, record=True) >= best:
-        return best, {}
-    best, now = search.tried[(size, n, tuple(bare))], time.perf_counter()
+    first = search.full(size, n, bare, record=True)
+    first = (first, {i: _family(c, size, min(n, c[0].steps)) for i, c in enumerate(chains)})
+    if first[0] >= best:
+        return best, {}, first
+    best, now = first[0], time.perf_counter()
     step_s = now - t0
     limit = min(deadline, now + (max_trials - 1) * step_s)
     replay_s = step_s / 2  # the last replay's time (a guess until one ran)
@@ -763,7 +752,7 @@ def _climb(search: _Search, best, deadline, max_trials):
                     tails = list(bare)
                     lighten_all()
                     break
-    return best, {i: _family(c, size, min(n, c[0].steps), tails[i]) for i, c in enumerate(chains)}
+    return best, {i: _family(c, size, min(n, c[0].steps), tails[i]) for i, c in enumerate(chains)}, first
 
 
 def _realize(b: _Block, compress) -> nn.Module:

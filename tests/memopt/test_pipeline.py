@@ -478,7 +478,7 @@ def test_climb_keeps_the_lightest_tail_that_does_not_raise_the_peak(peaks, tails
     table = {(2, 4, key): peak for key, peak in peaks.items()}
     table[(2, 4, ((0, None),))] = 100
     search = _ScriptedSearch(6, table)
-    best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=3)
+    best, choice, _ = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=3)
     assert search.replays == replays
     assert best == 100 and choice == {0: _planner._family([None] * 6, 2, 4, tails[0])}
 
@@ -488,14 +488,14 @@ def test_climb_measures_larger_segments_without_the_tails_of_smaller_ones():
     # ones: larger segments are measured bare, kept if lower, then their end made lighter.
     table = {(2, 4, ((0, None),)): 100, (2, 4, ((1, None),)): 100, (3, 4, ((0, None),)): 90}
     search = _ScriptedSearch(6, table)
-    best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=10)
+    best, choice, _ = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=10)
     assert best == 90 and choice == {0: _planner._family([None] * 6, 3, 4)}
     assert ((1, None), 3) in search.replays  # the 3-block plan's end was tried lighter too
 
 
 def test_climb_stops_when_its_time_is_spent():
     search = _ScriptedSearch(6, {(2, 4, ((0, None),)): 100})
-    best, choice = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=1)
+    best, choice, _ = _planner._climb(search, 200, deadline=time.perf_counter() + 60, max_trials=1)
     assert search.replays == [] and choice == {0: _planner._family([None] * 6, 2, 4)}
 
 
