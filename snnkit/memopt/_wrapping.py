@@ -275,9 +275,14 @@ def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk
     return container
 
 
+def _original_block(module: nn.Module) -> nn.Module:
+    """The block that ``module`` (made by apply_gc / memory_optimization) stands for at its site."""
+    block = module.__dict__.get("_block")
+    return module[0] if block is None else block
+
+
 def _original(container: nn.Module) -> nn.Module:
-    block = container.__dict__.get("_block")
-    if block is None:
-        block = container[0]
+    """The original block of ``container``, ready to go back to its site."""
+    block = _original_block(container)
     block.training = container.training  # its submodules followed the container's train()/eval() calls
     return block

@@ -129,6 +129,21 @@ whole; a block called more than once per step, or shared by several sites,
 stops planning at level 1. Forward hooks of a block whose parts run separately
 (spatial split, temporal segment) do not run; :func:`~snnkit.memopt.unwrap_gc`
 brings the block back.
+
+Checkpoints
+-----------
+Both functions put containers at the blocks' sites, which moves the blocks'
+parameters to other module paths (inside a temporal segment over blocks 0 and
+1, ``features.1.conv.weight`` lives at ``features.0.4.0.weight``), and the
+paths depend on the plan. So the parent of each site gets ``state_dict`` and
+``load_state_dict`` hooks: ``state_dict()`` gives the keys (and the per-module
+metadata) of the unwrapped net, and ``load_state_dict()`` takes them (and the
+current keys too), and names missing keys by them. A checkpoint loads into the
+plain net, into the net planned again (another plan), and back; the parameters
+keep their order, so an optimizer's ``state_dict`` matches them too. The paths
+are matched by module identity when a hook runs; :func:`~snnkit.memopt.unwrap_gc`
+removes the hooks. ``named_parameters()`` and ``named_modules()`` show the
+current structure.
 """
 import dataclasses
 import logging
@@ -155,6 +170,7 @@ from ._planner import (
     _sample_peak,
     _search_groups,
 )
+from ._keys import _sync_keys
 from ._wrapping import (
     _as_inputs,
     _check_block_types,
@@ -203,6 +219,9 @@ def apply_gc(net: nn.Module, block_types, compress: Union[str, BaseSpikeCompress
             Probing leaves the net's state (memories, BatchNorm statistics, RNG,
             gradients) as it was.
 
+    ``net.state_dict()`` and ``net.load_state_dict()`` keep the keys of the
+    unwrapped net (see "Checkpoints" in the module docstring).
+
     Returns:
         ``net``.
 
@@ -224,6 +243,8 @@ def apply_gc(net: nn.Module, block_types, compress: Union[str, BaseSpikeCompress
         >>> net = apply_gc(net, Block, dummy_input=torch.rand(3, 2, 4))
         >>> isinstance(net[2], GCContainer), type(net[2].x_compressor).__name__
         (True, 'BitSpikeCompressor')
+        >>> "2.0.weight" in net.state_dict()  # the unwrapped net's keys (not 2.0.0.weight)
+        True
         >>> type(unwrap_gc(net)[2]).__name__
         'Block'
     """
@@ -246,6 +267,7 @@ def apply_gc(net: nn.Module, block_types, compress: Union[str, BaseSpikeCompress
             done[key] = _wrap(site.block, comp)
             _log.debug("apply_gc: %s (%s) -> GCContainer(%s)", site.path, type(site.block).__name__, type(comp).__name__)
         site.put(done[key])
+    _sync_keys(net)
     return net
 
 
@@ -279,6 +301,7 @@ def unwrap_gc(net: nn.Module) -> nn.Module:
                 walk(child)
 
     walk(net)
+    _sync_keys(net)
     return net
 
 
@@ -482,6 +505,9 @@ def memory_optimization(
             The segment search spends at most ``budget - 1`` times its first
             candidate's time, that candidate included.
 
+    The planned net's ``state_dict()`` and ``load_state_dict()`` keep the keys
+    of the plain net, whatever the plan (see "Checkpoints" in the module docstring).
+
     Returns:
         ``net``, or ``(net, summary)`` with ``return_summary=True``.
 
@@ -581,6 +607,7 @@ def memory_optimization(
             _log.debug("memory_optimization: the block plan measures %d, the segment plan %d", estimate, first[0])
             estimate = first[0]
             _use_groups(chains, first[1], compress)
+    _sync_keys(net)
     measured = estimate
     if verify:
         bar.step("verify the plan with one step")

@@ -46,6 +46,13 @@ assert abs(loss_plain - loss_auto) < 1e-5  # the same training step
 assert peak_auto < peak_plain
 print(f"peak: plain {peak_plain / 2**20:.2f} MiB, planned {peak_auto / 2**20:.2f} MiB "
       f"({peak_plain / peak_auto:.2f}x less)")
+# %% checkpoints
+checkpoint = net.state_dict()  # the plain net's keys, whatever the plan (torch.save it as usual)
+plain = make_net()
+plain.load_state_dict(checkpoint)  # e.g. for inference without the planner
+replanned = memory_optimization(make_net(), Block, x_seq, level=1)  # another plan: a segment per block
+replanned.load_state_dict(checkpoint)  # to resume training
+assert list(plain.state_dict()) == list(net.state_dict()) == list(replanned.state_dict())
 # %% plot
 fig, ax = plt.subplots()
 ax.bar(["plain", "planned"], [peak_plain / 2**20, peak_auto / 2**20], color=["gray", "tab:green"])
