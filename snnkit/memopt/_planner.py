@@ -619,22 +619,29 @@ class _Search:
     def replay(self, size, n, tails, i, start, best) -> int:
         """The estimated peak of a plan that differs from the recorded one in chain ``i`` from block ``start`` on.
 
-        A plan whose plain blocks alone keep more than ``best`` is not run (its bound is returned).
+        A plan that must peak above ``best`` is not run (its bound is returned): where its
+        plain blocks alone keep more at the end of the forward, or where a segment without
+        chunks saves more in its recompute.
         """
         key = (size, n, tuple(tails))
         if key in self.tried:
             return self.tried[key]
         mark = self.marks[(i, start)]
         chain = self.chains[i]
-        plain = [k for s, e, kind in _family(chain, size, min(n, chain[0].steps), tails[i]) if kind == "plain"
-                 for k in range(max(s, start), e)]
-        if plain:  # at the end of the forward, what the plain blocks keep is alive at once: a lower bound
+        groups = [(s, e, kind) for s, e, kind in _family(chain, size, min(n, chain[0].steps), tails[i]) if e > start]
+        plain = [k for s, e, kind in groups if kind == "plain" for k in range(s, e)]
+        bounds = []
+        if plain:  # at the end of the forward, what the plain blocks keep is alive at once
             kept = sum(chain[k].costs["plain"].retained for k in plain)
-            bound = mark.live + kept - (chain[start].in_bytes if plain[0] == start else 0)  # their input is in both
-            if bound > best:
-                _log.debug("memory_optimization: tails %s keep at least %d at the end of the forward", tails, bound)
-                self.tried[key] = bound
-                return bound
+            bounds.append(mark.live + kept - (chain[start].in_bytes if plain[0] == start else 0))  # input in both
+        # what the recompute of a segment without chunks saves is alive at once when its backward starts
+        # (its input is the compressed one; the later blocks' inputs are recomputed and saved)
+        bounds += [chain[s].plain_new + sum(chain[k].plain_saved for k in range(s + 1, e))
+                   for s, e, kind in groups if kind is None]
+        if max(bounds, default=0) > best:
+            _log.debug("memory_optimization: tails %s hold at least %d at once", tails, max(bounds))
+            self.tried[key] = max(bounds)
+            return self.tried[key]
         self._put(size, n, tails)
         for b in chain[: start - 1]:
             b.site.put(nn.Identity())

@@ -56,8 +56,10 @@ replay's growth above the start plus the live bytes recorded there bound the
 real step (the real step can only have freed more by then); after that the
 step runs as the first one did, and a change that leaves more alive there
 than the first step did (tensors kept on modules, such as a neuron's
-``v_seq``) is not kept. Replays whose plain blocks alone would keep more than
-the peak at the end of the forward are skipped. Last, larger segments and more
+``v_seq``) is not kept. A change is not replayed where its plain blocks alone
+would keep more than the peak at the end of the forward, or where what a segment
+without chunks saves in its recompute (the blocks' saved tensors, measured by
+the cut step) is more than the peak. Last, larger segments and more
 chunks are tried (full steps, without lighter ends, which are then tried again)
 while the peak goes down. In all, the search spends at most ``budget - 1``
 times the time of its first step (``budget`` is 3 plain steps by default: the

@@ -414,7 +414,8 @@ def _conv_chain(widths=(16, 16, 16, 16, 16), stem=False):
 @pytest.mark.parametrize("stem", [False, True])
 def test_replayed_suffix_bounds_the_full_step(stem):
     # A lighter tail is measured by replaying the chain from its first changed segment
-    # on the recorded input: an upper bound of the real step's peak, and a close one.
+    # on the recorded input: an upper bound of the real step's peak, and a close one;
+    # what its plain blocks keep and its unchunked segments save is a lower bound.
     # With a stem, the stand-in for the chain's first blocks must hold the stem's graph
     # to the end as the real step does (freed early, the replay read 24% low).
     net, x = _conv_chain((16,) * 6 if stem else (16,) * 5, stem)
@@ -432,12 +433,18 @@ def test_replayed_suffix_bounds_the_full_step(stem):
         ref = search.full(2, 4, [(0, None)], record=True)
         assert sorted(search.marks) == [(0, 2), (0, 4)]
         assert search.marks[(0, 2)].live < ref
-        ratios = []
+        ratios, steps, run = [], [], search._step
+        search._step = lambda *args: steps.append(args) or run(*args)
         for tail, start in [((1, None), 4), ((0, "whole"), 4), ((2, None), 2), ((1, "split"), 2), ((1, "whole"), 2)]:
+            # with best=0 the candidate is not run: the bounds of its plain blocks and unchunked segments
+            bound = search.replay(2, 4, [tail], 0, start, best=0)
+            assert not steps
+            search.tried = {(2, 4, ((0, None),)): ref}
             replayed = search.replay(2, 4, [tail], 0, start, best=sys.maxsize)
             search.tried = {(2, 4, ((0, None),)): ref}
             full = search.full(2, 4, [tail])
-            assert full <= replayed <= 1.2 * full, tail
+            steps.clear()
+            assert 0 < bound <= full <= replayed <= 1.2 * full, tail
             ratios.append(replayed / full)
         assert min(ratios) < 1.01
 
