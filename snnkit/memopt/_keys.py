@@ -1,92 +1,86 @@
-"""Private: a wrapped net's ``state_dict`` keys are those of the original net.
+"""Private: a wrapped net saves and loads the ``state_dict`` of the original net.
 
 ``apply_gc`` and ``memory_optimization`` put containers at the blocks' sites,
-which moves the blocks' parameters to other paths (``features.1.conv.weight``
-becomes ``features.0.4.0.weight`` inside a segment over blocks 0 and 1). The
-parent of each site gets two hooks: ``state_dict()`` renames the keys below
-its GC children back to the original paths, and ``load_state_dict()``
-renames original keys to the current ones before the children load them. So
-a checkpoint loads into the plain net, into the same net planned differently,
-and back (a dict with the current keys, e.g. from an earlier version, loads
-too). The paths are matched by module identity when a hook runs, so nothing
-goes stale when the plan changes; a parent without GC children is left as it is.
+which moves the blocks' modules to other paths (in a segment over blocks 0 and
+1, ``features.1.conv.1.weight`` lives at ``features.0.4.0.weight``). The
+original blocks still exist (each container keeps its own) and share every
+module and tensor with the containers. So the parent of each site gets hooks:
+
+* ``state_dict()``: the entries below the containers are replaced by the
+  original blocks' own ``state_dict()`` at the sites: the plain net's keys,
+  order, per-module metadata, shared-module aliases and a block's own state.
+* ``load_state_dict()``: the original blocks stand at the sites while their
+  keys load (torch's own recursion, metadata and error messages), then the
+  containers go back. A dict with the wrapped structure's keys (as saved
+  before the keys were kept) loads into the containers as it is; a dict that
+  mixes both is an error.
 """
-from typing import Dict, List
+from typing import List, Tuple
 
 import torch.nn as nn
 
 from ._wrapping import _children, _is_ours, _original_block
 
-
-def _renamed_paths(parent: nn.Module) -> Dict[str, str]:
-    """Module paths below the GC children of ``parent``: current path -> original path (relative to ``parent``)."""
-    ours = [(name, child) for name, child in _children(parent) if _is_ours(child)]
-    original: Dict[int, List[str]] = {}
-    for name, child in ours:
-        for path, m in _original_block(child).named_modules(prefix=name, remove_duplicate=False):
-            original.setdefault(id(m), []).append(path)
-    renamed = {}
-    for name, child in ours:
-        for path, m in child.named_modules(prefix=name, remove_duplicate=False):
-            paths = original.get(id(m))
-            if paths:  # a module at two paths (shared) takes them in order
-                renamed[path] = paths.pop(0)
-    return renamed
-
-
-def _ours_prefixes(parent: nn.Module, prefix: str) -> tuple:
-    return tuple(prefix + name + "." for name, child in _children(parent) if _is_ours(child))
-
-
-def _rename(key: str, prefix: str, paths: Dict[str, str]) -> str:
-    """``prefix + path + "." + name`` with ``path`` renamed by ``paths`` (keys that do not match stay)."""
-    path, dot, name = key[len(prefix) :].rpartition(".")
-    return prefix + paths[path] + dot + name if dot and path in paths else key
+_SWAPPED = "_snnkit_swapped_for_load"  # the (name, container) pairs the load post-hook puts back
 
 
 def _save_original_keys(parent: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """``state_dict`` post-hook of a site's parent: keys and metadata below its GC children get their original paths."""
-    paths = _renamed_paths(parent)
-    if not paths:
+    """``state_dict`` post-hook of a site's parent: the original blocks' entries replace the containers'."""
+    children = _children(parent)
+    first = next((i for i, (_, child) in enumerate(children) if _is_ours(child)), None)
+    if first is None:
         return
-    ours = _ours_prefixes(parent, prefix)
-    below = [k for k in state_dict if k.startswith(prefix)]  # the parent's own entries are the last ones
-    for key, value in [(k, state_dict.pop(k)) for k in below]:
-        state_dict[_rename(key, prefix, paths) if key.startswith(ours) else key] = value
+    # the entries of the children from the first container on are the last in the dict: re-made in order
+    tail = [(prefix + name + ".", child) for name, child in children[first:]]
+    below = tuple(p for p, _ in tail)
+    moved = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(below)]}
+    ours = tuple(p for p, child in tail if _is_ours(child))
+    tensors = {id(t) for _, child in tail if _is_ours(child) for t in (*child.parameters(), *child.buffers())}
+    keep_vars = any(id(v) in tensors for v in moved.values())  # state_dict(keep_vars=True) gave the tensors
     metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:  # per module path; a container's own entry has no original module: dropped
-        moved = [(p[len(prefix) :], metadata.pop(p)) for p in list(metadata) if (p + ".").startswith(ours)]
-        metadata.update((prefix + paths[p], entry) for p, entry in moved if p in paths)
+    if metadata is not None:
+        for path in [p for p in metadata if (p + ".").startswith(ours)]:
+            del metadata[path]
+    for p, child in tail:
+        if _is_ours(child):
+            _original_block(child).state_dict(destination=state_dict, prefix=p, keep_vars=keep_vars)
+        else:
+            state_dict.update((k, v) for k, v in moved.items() if k.startswith(p))
+
+
+def _keys(pairs: List[Tuple[str, nn.Module]], prefix: str) -> set:
+    return {prefix + k for name, module in pairs for k in module.state_dict(prefix=name + ".", keep_vars=True)}
 
 
 def _load_original_keys(parent: nn.Module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    """``load_state_dict`` pre-hook of a site's parent: original keys below its GC children get the current paths.
-
-    A dict whose keys below the GC children are all current keys is left as it is.
-    """
-    paths = _renamed_paths(parent)
-    if not paths:
+    """``load_state_dict`` pre-hook of a site's parent: the original blocks stand at the sites while the children load."""
+    ours = [(name, child) for name, child in _children(parent) if _is_ours(child)]
+    if not ours:
         return
-    parent.__dict__[_LOADING] = (prefix, paths)  # for the post-hook, which is not given the prefix
-    current = {prefix + k for name, child in _children(parent) if _is_ours(child)
-               for k in child.state_dict(prefix=name + ".", keep_vars=True)}
-    below = [k for k in state_dict if k.startswith(_ours_prefixes(parent, prefix))]
-    if all(k in current for k in below):
+    below = [k for k in state_dict if k.startswith(tuple(prefix + name + "." for name, _ in ours))]
+    original = _keys([(name, _original_block(child)) for name, child in ours], prefix)
+    current = _keys(ours, prefix)
+    wrapped = [k for k in below if k in current and k not in original]
+    plain = [k for k in below if k in original and k not in current]
+    if wrapped and plain:
+        errors.append(
+            f"snnkit.memopt: the state_dict mixes keys of the unwrapped net (e.g. {plain[0]!r}) and of the net "
+            f"wrapped by apply_gc / memory_optimization (e.g. {wrapped[0]!r}); save it again from one net"
+        )
         return
-    back = {original: path for path, original in paths.items()}
-    for key, value in [(k, state_dict.pop(k)) for k in below]:
-        state_dict[_rename(key, prefix, back)] = value
+    if wrapped:  # the wrapped structure's keys: the containers load them
+        return
+    # Put back by the post-hook, after the children loaded (torch collects load errors and raises
+    # only then); an exception from a module's own loading code would leave the original blocks here.
+    parent.__dict__[_SWAPPED] = ours
+    for name, child in ours:
+        parent._modules[name] = _original_block(child)
 
 
-def _name_missing_keys(parent: nn.Module, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: missing keys below the GC children are reported by their original names."""
-    prefix, paths = parent.__dict__.pop(_LOADING, (None, None))
-    if paths:
-        ours, missing = _ours_prefixes(parent, prefix), incompatible_keys.missing_keys
-        missing[:] = [_rename(k, prefix, paths) if k.startswith(ours) else k for k in missing]
-
-
-_LOADING = "_snnkit_loading_keys"
+def _put_containers_back(parent: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of a site's parent."""
+    for name, child in parent.__dict__.pop(_SWAPPED, ()):
+        parent._modules[name] = child
 
 
 def _ours(hooks, fn) -> list:
@@ -95,9 +89,9 @@ def _ours(hooks, fn) -> list:
 
 
 def _sync_keys(net: nn.Module) -> None:
-    """Hooks on every parent of a GC child made by apply_gc / memory_optimization; none elsewhere.
+    """Hooks on every parent of a container made by apply_gc / memory_optimization; none elsewhere.
 
-    The walk does not enter those children: their keys are renamed once, by their parent.
+    The walk does not enter those containers (a parent inside one keeps its hooks).
     """
     parents, todo = [], [net]
     while todo:
@@ -110,7 +104,7 @@ def _sync_keys(net: nn.Module) -> None:
             (parent._state_dict_hooks, _save_original_keys, parent._register_state_dict_hook),
             (parent._load_state_dict_pre_hooks, _load_original_keys,
              lambda fn: parent._register_load_state_dict_pre_hook(fn, with_module=True)),
-            (parent._load_state_dict_post_hooks, _name_missing_keys, parent.register_load_state_dict_post_hook),
+            (parent._load_state_dict_post_hooks, _put_containers_back, parent.register_load_state_dict_post_hook),
         ):
             keys = _ours(hooks, fn)
             if wanted and not keys:

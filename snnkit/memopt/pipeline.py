@@ -135,17 +135,23 @@ brings the block back.
 Checkpoints
 -----------
 Both functions put containers at the blocks' sites, which moves the blocks'
-parameters to other module paths (inside a temporal segment over blocks 0 and
-1, ``features.1.conv.weight`` lives at ``features.0.4.0.weight``), and the
-paths depend on the plan. So the parent of each site gets ``state_dict`` and
-``load_state_dict`` hooks: ``state_dict()`` gives the keys (and the per-module
-metadata) of the unwrapped net, and ``load_state_dict()`` takes them (and the
-current keys too), and names missing keys by them. A checkpoint loads into the
-plain net, into the net planned again (another plan), and back; the parameters
-keep their order, so an optimizer's ``state_dict`` matches them too. The paths
-are matched by module identity when a hook runs; :func:`~snnkit.memopt.unwrap_gc`
-removes the hooks. ``named_parameters()`` and ``named_modules()`` show the
-current structure.
+modules to other paths (inside a temporal segment over blocks 0 and 1,
+``features.1.conv.1.weight`` lives at ``features.0.4.0.weight``), and the paths
+depend on the plan. The original blocks still exist and share every module and
+tensor with the containers, so the parent of each site gets ``state_dict`` and
+``load_state_dict`` hooks: ``state_dict()`` gives the unwrapped net's entries
+(keys, order, per-module metadata, and a block's own buffers or aliases that
+its parts do not hold), and ``load_state_dict()`` loads into the original
+blocks, put at their sites while it runs, so errors name the unwrapped net's
+keys. A checkpoint therefore loads into the plain net, into the net planned
+again (the plan may differ from run to run), and back. A dict saved with the
+wrapped structure's keys (before they were kept) loads too; one that mixes
+both is an error. :func:`~snnkit.memopt.unwrap_gc` removes the hooks;
+``named_parameters()``, ``named_modules()`` and a container's own
+``state_dict()`` show the current structure. The parameters keep their order
+(so an optimizer's ``state_dict`` matches them) unless a block's
+``__spatial_split__`` returns its parts in another order than the block
+registers them; :func:`~snnkit.memopt.memory_optimization` warns then.
 """
 import dataclasses
 import logging
@@ -298,9 +304,9 @@ def unwrap_gc(net: nn.Module) -> nn.Module:
     def walk(parent):
         for name, child in _children(parent):
             if _is_ours(child):
-                setattr(parent, name, _original(child))
-            else:
-                walk(child)
+                child = _original(child)
+                setattr(parent, name, child)
+            walk(child)  # a restored block may hold containers of an earlier call (e.g. of its sub-blocks)
 
     walk(net)
     _sync_keys(net)
@@ -538,6 +544,7 @@ def memory_optimization(
         with MemoryTracker():
             torch.zeros(1).add_(1)
     t_start = time.perf_counter()
+    order = [id(p) for p in net.parameters()]
     sites = _sites(net, types, "memory_optimization") if level > 0 else []
     if not sites:
         summary = MemOptSummary([], 0, 0, 0, 1.0, 0.0, time.perf_counter() - t_start, level, False)
@@ -610,6 +617,15 @@ def memory_optimization(
             estimate = first[0]
             _use_groups(chains, first[1], compress)
     _sync_keys(net)
+    if [id(p) for p in net.parameters()] != order:
+        warnings.warn(
+            "snnkit.memopt: the planned net lists its parameters in another order than the original (a block's "
+            "__spatial_split__ returns its parts in another order than it registers them), so an optimizer "
+            "state_dict saved with one does not fit the other: build the optimizer from the planned net, and "
+            "load its checkpoints into nets planned alike (the model's state_dict keeps the original keys).",
+            UserWarning,
+            stacklevel=2,
+        )
     measured = estimate
     if verify:
         bar.step("verify the plan with one step")

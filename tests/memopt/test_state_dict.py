@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from snnkit.memopt import NullSpikeCompressor, apply_gc, memory_optimization, unwrap_gc
+from snnkit import layer, neuron
+from snnkit.memopt import GCContainer, NullSpikeCompressor, apply_gc, memory_optimization, unwrap_gc
 from snnkit.memopt import _keys, _planner, _wrapping
 
 from .test_pipeline import Block, ConvBlock, ConvNoBN, Nested, T, N, _conv_chain, _vgg
@@ -22,6 +23,8 @@ def _randomize(net):
     """New values in every parameter and buffer, so that a load is seen."""
     with torch.no_grad():
         for t in net.state_dict(keep_vars=True).values():
+            if not torch.is_tensor(t):  # extra state
+                continue
             if t.is_floating_point():
                 t.copy_(torch.rand_like(t))
             else:
@@ -161,3 +164,170 @@ def test_nested_parents_rename_once():
     hooked = [name for name, m in net.named_modules() if m._state_dict_hooks]
     assert hooked == ["", "stages.0", "stages.0.1", "stages.1"]
     assert list(net.stages.state_dict()) == list(Nested().stages.state_dict())
+
+
+class _Nest(nn.Sequential):
+    """A block whose module paths ``X`` and ``0.X`` (wrapped) carry the same parameter names."""
+
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)), nn.Linear(3, 3))
+
+
+def test_ambiguous_and_mixed_dicts():
+    torch.manual_seed(0)
+    net = apply_gc(nn.Sequential(_Nest()), _Nest, compress=None)
+    # "0.0.1.*" is the plain key of the second inner Linear and the wrapped key of the last Linear:
+    # a partial dict of such keys is read as the plain net's (its keys are the canonical ones)
+    part = {"0.0.1.weight": torch.full((3, 3), 7.0), "0.0.1.bias": torch.full((3,), 7.0)}
+    result = net.load_state_dict(part, strict=False)
+    inner, last = net[0][0][0][1], net[0][0][1]
+    assert torch.equal(inner.weight, part["0.0.1.weight"]) and not torch.equal(last.weight, part["0.0.1.weight"])
+    assert result.missing_keys == ["0.0.0.weight", "0.0.0.bias", "0.1.weight", "0.1.bias"]
+    # a dict of wrapped keys loads as it is, also with an extra key
+    wrapped = {k: torch.full_like(v, i) for i, (k, v) in enumerate(net[0].state_dict(prefix="0.").items())}
+    assert "0.0.0.1.weight" in wrapped
+    result = net.load_state_dict({**wrapped, "0.0.0.0.extra": torch.zeros(1)}, strict=False)
+    assert result.unexpected_keys == ["0.0.0.0.extra"]
+    assert all(torch.equal(t, wrapped[k]) for k, t in net[0].state_dict(prefix="0.", keep_vars=True).items())
+    # keys only the plain net has, with keys only the wrapped net has: an error, nothing guessed
+    with pytest.raises(RuntimeError, match="mixes keys of the unwrapped net"):
+        net.load_state_dict({"0.1.weight": torch.zeros(3, 3), "0.0.0.0.weight": torch.zeros(3, 3)}, strict=False)
+
+
+class _Scale(nn.Module):
+    """Stored log(scale) in version 1, scale in version 2: older checkpoints are converted on load."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale
+
+    def _load_from_state_dict(self, state_dict, prefix, metadata, *args):
+        if metadata.get("version", 1) < 2:
+            state_dict[prefix + "scale"] = state_dict[prefix + "scale"].exp()
+        super()._load_from_state_dict(state_dict, prefix, metadata, *args)
+
+
+class _Scaled(nn.Sequential):
+    pass
+
+
+class _OwnState(nn.Module):
+    """A block with state its parts do not hold: a buffer, extra state, and an alias of a submodule."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.conv = layer.SeqToANNContainer(nn.Conv2d(i, o, 3, padding=1))
+        self.sn = neuron.LIFNode(step_mode="m", v_threshold=0.5)
+        self.first = self.conv[0]
+        self.register_buffer("seen", torch.zeros(()))
+        self.tag = 0
+
+    def forward(self, x):
+        return self.sn(self.conv(x))
+
+    def __spatial_split__(self):
+        return self.conv, self.sn
+
+    def get_extra_state(self):
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state):
+        self.tag = state["tag"]
+
+
+def test_versions_own_state_and_aliases_survive():
+    torch.manual_seed(0)
+    scaled = lambda: nn.Sequential(Block(3, 3), _Scaled(nn.Linear(3, 3), _Scale()))
+    src = scaled()
+    with torch.no_grad():
+        src[1][1].scale.fill_(2.0)
+    for net in (apply_gc(scaled(), _Scaled, compress=None), scaled()):  # the version is looked up as saved
+        net.load_state_dict(src.state_dict())
+        assert torch.equal(net.state_dict()["1.1.scale"], torch.full((3,), 2.0))
+    # a block's own buffer and extra state, and an alias, when the block runs as its parts in a segment
+    make = lambda: nn.Sequential(*[_OwnState(2 if i == 0 else 8, 8) for i in range(4)])
+    net = memory_optimization(make(), _OwnState, (torch.rand(8, 4, 2, 12, 12) > 0.5).float())
+    assert isinstance(net[1], _wrapping._Merged)
+    plain = make()
+    assert list(net.state_dict()) == list(plain.state_dict())
+    assert "1.first.weight" in plain.state_dict() and "1._extra_state" in plain.state_dict()
+    for block in plain:
+        block.tag, block.seen = 5, torch.ones(())
+    net.load_state_dict(_randomize(plain).state_dict())
+    got, want = net.state_dict(), plain.state_dict()
+    assert [got[f"{k}._extra_state"] for k in range(4)] == [{"tag": 5}] * 4
+    assert all(torch.equal(got[k], want[k]) for k in want if torch.is_tensor(want[k]))
+
+
+def test_load_errors_name_the_original_keys_and_put_the_containers_back():
+    torch.manual_seed(0)
+    net = _grouped(_vgg((4, 6, 6, 6)))
+    structure = [type(m) for m in net]
+    saved = copy.deepcopy(net).state_dict()
+    saved["0.conv.0.weight"] = torch.zeros(1)
+    saved["1.conv.9.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as error:
+        net.load_state_dict(saved)
+    assert '"1.conv.9.weight"' in str(error.value) and "size mismatch for 0.conv.0.weight" in str(error.value)
+    assert [type(m) for m in net] == structure
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = layer.Linear(3, 3, step_mode="m")
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Inner(), layer.Linear(3, 3, step_mode="m")
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_containers_inside_containers():
+    # apply_gc for the inner blocks, then for blocks that hold them: keys kept, and unwrap_gc undoes both
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(_Outer(), layer.Linear(3, 2, step_mode="m"))
+    net = apply_gc(apply_gc(make(), _Inner, compress=None), _Outer, compress=None)
+    assert isinstance(net[0][0].a, GCContainer)
+    want = _randomize(make()).state_dict()
+    net.load_state_dict(want)
+    assert list(net.state_dict()) == list(want) and all(torch.equal(net.state_dict()[k], want[k]) for k in want)
+    unwrap_gc(net)
+    assert type(net[0]) is _Outer and type(net[0].a) is _Inner
+    assert not any(m._state_dict_hooks for m in net.modules())
+
+
+class _Reversed(nn.Module):
+    """Registers its output layer first, so its parts run in another order than its parameters are listed."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.post, self.pre = layer.Linear(d, d, step_mode="m"), layer.Linear(d, d, step_mode="m")
+        self.sn = neuron.IFNode(step_mode="m", v_threshold=0.5)
+
+    def forward(self, x):
+        return self.post(self.sn(self.pre(x)))
+
+    def __spatial_split__(self):
+        return self.pre, self.sn, self.post
+
+
+def test_a_changed_parameter_order_is_warned_about():
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(*[_Reversed(64) for _ in range(4)])
+    x = (torch.rand(16, 8, 64) > 0.5).float()
+    with pytest.warns(UserWarning, match="lists its parameters in another order"):
+        net = memory_optimization(make(), _Reversed, x)
+    assert list(net.state_dict()) == list(make().state_dict())  # the checkpoint keys stay the plain net's
