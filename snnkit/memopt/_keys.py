@@ -3,84 +3,94 @@
 ``apply_gc`` and ``memory_optimization`` put containers at the blocks' sites,
 which moves the blocks' modules to other paths (in a segment over blocks 0 and
 1, ``features.1.conv.1.weight`` lives at ``features.0.4.0.weight``). The
-original blocks still exist (each container keeps its own) and share every
-module and tensor with the containers. So the parent of each site gets hooks:
+original blocks still exist (each container keeps its own) and share their
+modules with the containers (a module put into a container later goes into
+the original block too, see ``_sync_blocks``). So the parent of each site gets hooks:
 
 * ``state_dict()``: the entries below the containers are replaced by the
   original blocks' own ``state_dict()`` at the sites: the plain net's keys,
   order, per-module metadata, shared-module aliases and a block's own state.
-* ``load_state_dict()``: the original blocks stand at the sites while their
-  keys load (torch's own recursion, metadata and error messages), then the
-  containers go back. A dict with the wrapped structure's keys (as saved
-  before the keys were kept) loads into the containers as it is; a dict that
-  mixes both is an error.
+* ``load_state_dict()``: while the parent's children load, the original blocks
+  stand at the sites (torch's own recursion: metadata, error messages), then
+  the containers go back. If the load raises, they go back at the parent's
+  next forward, save or load. A dict with the wrapped structure's keys (as
+  saved before the keys were kept) loads into the containers as it is; a dict
+  that mixes both kinds is an error.
 """
 from typing import List, Tuple
 
 import torch.nn as nn
 
-from ._wrapping import _children, _is_ours, _original_block
+from ._wrapping import _children, _is_ours, _original_block, _sync_blocks
 
 _SWAPPED = "_snnkit_swapped_for_load"  # the (name, container) pairs the load post-hook puts back
 
 
+def _put_containers_back(parent: nn.Module, *_) -> None:
+    """Load post-hook (and forward pre-hook, and before a save or load) of a site's parent."""
+    for name, child in parent.__dict__.pop(_SWAPPED, ()):
+        parent._modules[name] = child
+
+
+def _ours_children(parent: nn.Module) -> List[Tuple[str, nn.Module]]:
+    _put_containers_back(parent)  # after a load that raised
+    ours = [(name, child) for name, child in _children(parent) if _is_ours(child)]
+    for _, child in ours:
+        _sync_blocks(child)
+    return ours
+
+
 def _save_original_keys(parent: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """``state_dict`` post-hook of a site's parent: the original blocks' entries replace the containers'."""
+    ours = dict(_ours_children(parent))
     children = _children(parent)
-    first = next((i for i, (_, child) in enumerate(children) if _is_ours(child)), None)
+    first = next((i for i, (name, _) in enumerate(children) if name in ours), None)
     if first is None:
         return
     # the entries of the children from the first container on are the last in the dict: re-made in order
-    tail = [(prefix + name + ".", child) for name, child in children[first:]]
-    below = tuple(p for p, _ in tail)
-    moved = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(below)]}
-    ours = tuple(p for p, child in tail if _is_ours(child))
-    tensors = {id(t) for _, child in tail if _is_ours(child) for t in (*child.parameters(), *child.buffers())}
+    tail = [(prefix + name + ".", name, child) for name, child in children[first:]]
+    moved = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(tuple(t[0] for t in tail))]}
+    tensors = {id(t) for child in ours.values() for t in (*child.parameters(), *child.buffers())}
     keep_vars = any(id(v) in tensors for v in moved.values())  # state_dict(keep_vars=True) gave the tensors
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
-        for path in [p for p in metadata if (p + ".").startswith(ours)]:
+        below = tuple(prefix + name + "." for name in ours)
+        for path in [p for p in metadata if (p + ".").startswith(below)]:
             del metadata[path]
-    for p, child in tail:
-        if _is_ours(child):
+    for p, name, child in tail:
+        if name in ours:
             _original_block(child).state_dict(destination=state_dict, prefix=p, keep_vars=keep_vars)
         else:
             state_dict.update((k, v) for k, v in moved.items() if k.startswith(p))
 
 
-def _keys(pairs: List[Tuple[str, nn.Module]], prefix: str) -> set:
+def _keys(pairs, prefix: str) -> set:
     return {prefix + k for name, module in pairs for k in module.state_dict(prefix=name + ".", keep_vars=True)}
 
 
 def _load_original_keys(parent: nn.Module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """``load_state_dict`` pre-hook of a site's parent: the original blocks stand at the sites while the children load."""
-    ours = [(name, child) for name, child in _children(parent) if _is_ours(child)]
+    ours = _ours_children(parent)
     if not ours:
         return
     below = [k for k in state_dict if k.startswith(tuple(prefix + name + "." for name, _ in ours))]
     original = _keys([(name, _original_block(child)) for name, child in ours], prefix)
-    current = _keys(ours, prefix)
-    wrapped = [k for k in below if k in current and k not in original]
-    plain = [k for k in below if k in original and k not in current]
-    if wrapped and plain:
+    other = [k for k in below if k not in original]
+    current = _keys(ours, prefix) if other else set()  # keys of the wrapped structure: only looked at if needed
+    wrapped = [k for k in other if k in current]
+    if wrapped and any(k in original and k not in current for k in below):
         errors.append(
-            f"snnkit.memopt: the state_dict mixes keys of the unwrapped net (e.g. {plain[0]!r}) and of the net "
-            f"wrapped by apply_gc / memory_optimization (e.g. {wrapped[0]!r}); save it again from one net"
+            f"snnkit.memopt: the state_dict mixes keys of the unwrapped net and of the net wrapped by apply_gc / "
+            f"memory_optimization (e.g. {wrapped[0]!r}); save it again from one net"
         )
+        for k in below:  # nothing of it loads into the blocks
+            del state_dict[k]
         return
     if wrapped:  # the wrapped structure's keys: the containers load them
         return
-    # Put back by the post-hook, after the children loaded (torch collects load errors and raises
-    # only then); an exception from a module's own loading code would leave the original blocks here.
     parent.__dict__[_SWAPPED] = ours
     for name, child in ours:
         parent._modules[name] = _original_block(child)
-
-
-def _put_containers_back(parent: nn.Module, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook of a site's parent."""
-    for name, child in parent.__dict__.pop(_SWAPPED, ()):
-        parent._modules[name] = child
 
 
 def _ours(hooks, fn) -> list:
@@ -96,6 +106,7 @@ def _sync_keys(net: nn.Module) -> None:
     parents, todo = [], [net]
     while todo:
         parent = todo.pop()
+        _put_containers_back(parent)
         parents.append(parent)
         todo += [child for _, child in _children(parent) if not _is_ours(child)]
     for parent in parents:
@@ -105,9 +116,10 @@ def _sync_keys(net: nn.Module) -> None:
             (parent._load_state_dict_pre_hooks, _load_original_keys,
              lambda fn: parent._register_load_state_dict_pre_hook(fn, with_module=True)),
             (parent._load_state_dict_post_hooks, _put_containers_back, parent.register_load_state_dict_post_hook),
+            (parent._forward_pre_hooks, _put_containers_back, parent.register_forward_pre_hook),
         ):
             keys = _ours(hooks, fn)
             if wanted and not keys:
-                register(fn)
+                hooks.move_to_end(register(fn).id, last=False)  # before the user's: they see the original keys
             for k in keys if not wanted else ():
                 del hooks[k]

@@ -212,11 +212,12 @@ def _wrap(block: nn.Module, compressor: BaseSpikeCompressor, n_chunk: Optional[i
 
 
 class _SpatialSplit(nn.Sequential):
-    """A block cut into parts that run one after another, each its own GC segment."""
+    """A block cut into parts that run one after another, each its own GC segment (``segments[i][0]``: part i)."""
 
     def __init__(self, block: nn.Module, segments: Sequence[nn.Module]):
         super().__init__(*segments)
         self.__dict__["_block"] = block  # the original block, kept out of the module tree
+        self.__dict__["_mirrors"] = [(seg, "0", *slot) for seg in segments for slot in _slot_of(block, seg[0])]
         setattr(self, _MARK, True)
         self.training = block.training
 
@@ -256,11 +257,22 @@ def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
     return parts if len(parts) >= 2 else None
 
 
-def _one_by_one(part: nn.Module) -> List[nn.Module]:
+def _one_by_one(part: nn.Module, mirrors: list) -> List[nn.Module]:
     """A SeqToANNContainer of several modules as one container per module (the same result)."""
     if type(part) is SeqToANNContainer and len(part) > 1:
-        return [SeqToANNContainer(m) for m in part]
+        pieces = [SeqToANNContainer(m) for m in part]
+        mirrors += [(piece, "0", part, name) for piece, name in zip(pieces, part._modules)]
+        return pieces
     return [part]
+
+
+def _slot_of(root: nn.Module, module: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """``[(parent, name)]``: the first slot of ``root``'s tree that holds ``module`` (none for ``root`` itself)."""
+    for parent in root.modules():
+        for name, child in parent._modules.items():
+            if child is module:
+                return [(parent, name)]
+    return []
 
 
 def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk: Optional[int]) -> nn.Module:
@@ -269,10 +281,32 @@ def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk
     Blocks that split spatially run as their parts: a block's own forward holds
     its input until it returns, the segment frees it once the first part is done.
     """
-    modules = [m for block in blocks for part in (_spatial_parts(block) or [block]) for m in _one_by_one(part)]
+    modules, mirrors, owners = [], [], []
+    for block in blocks:
+        for part in _spatial_parts(block) or [block]:
+            pieces = _one_by_one(part, mirrors)
+            modules += pieces
+            owners += [block] * len(pieces)
     container = _wrap(modules[0], compressor, n_chunk, modules[1:])
     container.__dict__["_block"] = blocks[0]  # the original first block, kept out of the module tree
+    mirrors += [(container, str(k), *slot) for k, (m, block) in enumerate(zip(modules, owners))
+                for slot in _slot_of(block, m)]
+    container.__dict__["_mirrors"] = mirrors
     return container
+
+
+def _sync_blocks(module: nn.Module) -> None:
+    """Put into the original blocks the modules that replaced theirs inside ``module`` since it was made.
+
+    A segment holds the blocks' parts in slots of its own (and one container per
+    module of a split SeqToANNContainer): a module put there later (e.g. by
+    ``convert_sync_batchnorm`` or an adapter) goes to the original block's slot too,
+    so that saving, loading and :func:`unwrap_gc` see what runs.
+    """
+    for holder, name, parent, slot in module.__dict__.get("_mirrors", ()):
+        now = holder._modules.get(name)
+        if now is not None and parent._modules.get(slot) is not now:
+            parent._modules[slot] = now
 
 
 def _original_block(module: nn.Module) -> nn.Module:
@@ -283,6 +317,7 @@ def _original_block(module: nn.Module) -> nn.Module:
 
 def _original(container: nn.Module) -> nn.Module:
     """The original block of ``container``, ready to go back to its site."""
+    _sync_blocks(container)
     block = _original_block(container)
     block.training = container.training  # its submodules followed the container's train()/eval() calls
     return block

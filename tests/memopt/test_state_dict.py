@@ -331,3 +331,52 @@ def test_a_changed_parameter_order_is_warned_about():
     with pytest.warns(UserWarning, match="lists its parameters in another order"):
         net = memory_optimization(make(), _Reversed, x)
     assert list(net.state_dict()) == list(make().state_dict())  # the checkpoint keys stay the plain net's
+
+
+class _Failing(nn.Linear):
+    def _load_from_state_dict(self, *args):
+        raise KeyError("a module's own loading code failed")
+
+
+def test_a_load_that_raises_leaves_the_segments_in_place_by_the_next_forward():
+    torch.manual_seed(0)
+    net = _grouped(_vgg((4, 6, 6, 6)))
+    net.append(_Failing(3, 3))  # after the head: the sites' parent is still loading its children
+    structure = [type(m) for m in net]
+    with pytest.raises(KeyError):
+        net.load_state_dict(net.state_dict())
+    assert [type(m) for m in net][0] is ConvBlock  # the original blocks stood there when it raised
+    net(torch.rand(T, N, 2, 6, 6))
+    assert [type(m) for m in net] == structure
+
+
+def test_modules_replaced_inside_segments_are_saved_loaded_and_unwrapped():
+    # e.g. convert_sync_batchnorm or an adapter, after planning: the original blocks follow
+    torch.manual_seed(0)
+    net = _grouped(_vgg((4, 6, 6, 6)))
+    old = {}
+    for holder in [m for m in net.modules()]:
+        for name, child in list(holder.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                new = nn.BatchNorm2d(child.num_features)
+                old[id(new)] = child
+                setattr(holder, name, _randomize(new))
+    assert len(old) == 4
+    running = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(id(m) in old for m in running)  # only the new ones run
+    saved = net.state_dict()
+    assert all(torch.equal(saved[f"{k}.conv.1.weight"], running[k].weight) for k in range(4))
+    plain = _randomize(_vgg((4, 6, 6, 6)))
+    net.load_state_dict(plain.state_dict())
+    assert all(torch.equal(plain[k].conv[1].running_mean, running[k].running_mean) for k in range(4))
+    unwrap_gc(net)
+    assert [net[k].conv[1] for k in range(4)] == running
+
+
+def test_user_state_dict_hooks_see_the_original_keys():
+    seen = []
+    net = nn.Sequential(Block(3, 3))
+    net._register_state_dict_hook(lambda module, state_dict, prefix, metadata: seen.append(list(state_dict)))
+    apply_gc(net, Block, compress=None)
+    want = list(nn.Sequential(Block(3, 3)).state_dict())
+    assert list(net.state_dict()) == want and seen == [want]
