@@ -32,6 +32,12 @@ def _put_containers_back(parent: nn.Module, *_) -> None:
         parent._modules[name] = child
 
 
+def _heal(net: nn.Module) -> None:
+    """Containers back everywhere in ``net`` after a load that raised (before the net is wrapped or unwrapped)."""
+    for module in list(net.modules()):
+        _put_containers_back(module)
+
+
 def _ours_children(parent: nn.Module) -> List[Tuple[str, nn.Module]]:
     _put_containers_back(parent)  # after a load that raised
     ours = [(name, child) for name, child in _children(parent) if _is_ours(child)]

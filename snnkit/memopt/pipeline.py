@@ -185,7 +185,7 @@ from ._planner import (
     _sample_peak,
     _search_groups,
 )
-from ._keys import _sync_keys
+from ._keys import _heal, _sync_keys
 from ._wrapping import (
     _as_inputs,
     _check_block_types,
@@ -265,6 +265,7 @@ def apply_gc(net: nn.Module, block_types, compress: Union[str, BaseSpikeCompress
     """
     types = _check_block_types(block_types)
     _check_compress(compress)
+    _heal(net)
     sites = _sites(net, types, "apply_gc")
     if not sites:
         return net
@@ -315,6 +316,7 @@ def unwrap_gc(net: nn.Module) -> nn.Module:
                 setattr(parent, name, child)
             walk(child)  # a restored block may hold containers of an earlier call (e.g. of its sub-blocks)
 
+    _heal(net)
     walk(net)
     _sync_keys(net)
     return net
@@ -551,6 +553,7 @@ def memory_optimization(
         with MemoryTracker():
             torch.zeros(1).add_(1)
     t_start = time.perf_counter()
+    _heal(net)
     order = [id(p) for p in net.parameters()]
     sites = _sites(net, types, "memory_optimization") if level > 0 else []
     if not sites:

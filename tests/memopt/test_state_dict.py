@@ -346,8 +346,12 @@ def test_a_load_that_raises_leaves_the_segments_in_place_by_the_next_forward():
     with pytest.raises(KeyError):
         net.load_state_dict(net.state_dict())
     assert [type(m) for m in net][0] is ConvBlock  # the original blocks stood there when it raised
+    failed = copy.deepcopy(net)
     net(torch.rand(T, N, 2, 6, 6))
     assert [type(m) for m in net] == structure
+    unwrap_gc(failed)  # unwrap_gc (and apply_gc, memory_optimization) first put the containers back
+    assert all(not _wrapping._is_ours(m) for m in failed.modules())
+    assert not any(m._state_dict_hooks for m in failed.modules())
 
 
 def test_modules_replaced_inside_segments_are_saved_loaded_and_unwrapped():
