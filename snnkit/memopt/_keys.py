@@ -4,19 +4,20 @@
 which moves the blocks' modules to other paths (in a segment over blocks 0 and
 1, ``features.1.conv.1.weight`` lives at ``features.0.4.0.weight``). The
 original blocks still exist (each container keeps its own) and share their
-modules with the containers (a module put into a container later goes into
-the original block too, see ``_sync_blocks``). So the parent of each site gets hooks:
+modules with the containers (a module replaced inside a container later goes
+into the original block too, see ``_sync_blocks``). So the parent of each site gets hooks:
 
 * ``state_dict()``: the entries below the containers are replaced by the
   original blocks' own ``state_dict()`` at the sites: the plain net's keys,
   order, per-module metadata, shared-module aliases and a block's own state.
 * ``load_state_dict()``: while the parent's children load, the original blocks
   stand at the sites (torch's own recursion: metadata, error messages), then
-  the containers go back. If the load raises, they go back at the parent's
-  next forward, save or load. A dict with the wrapped structure's keys (as
+  the containers go back. If the load raises, they go back at the next
+  forward of the parent or of a block, or at the next save or load. A dict with the wrapped structure's keys (as
   saved before the keys were kept) loads into the containers as it is; a dict
   that mixes both kinds is an error.
 """
+import functools
 from typing import List, Tuple
 
 import torch.nn as nn
@@ -27,8 +28,20 @@ _SWAPPED = "_snnkit_swapped_for_load"  # the (name, container) pairs the load po
 
 
 def _put_containers_back(parent: nn.Module, *_) -> None:
-    """Load post-hook (and forward pre-hook, and before a save or load) of a site's parent."""
-    for name, child in parent.__dict__.pop(_SWAPPED, ()):
+    """Load post-hook (and forward pre-hook, and before a save or load) of a site's parent.
+
+    After a load that raised, also the forward pre-hook of each original block
+    standing at a site (a parent iterated by its own parent's forward is not called).
+    """
+    ours, handles = parent.__dict__.pop(_SWAPPED, ((), ()))
+    for handle in handles:
+        handle.remove()
+    for name, child in ours:
+        block = parent._modules[name]
+        shared = {id(m) for m in block.modules()}
+        for m in child.modules():  # train()/eval() while the block stood there did not reach these
+            if id(m) not in shared:
+                m.training = block.training
         parent._modules[name] = child
 
 
@@ -94,9 +107,11 @@ def _load_original_keys(parent: nn.Module, state_dict, prefix, local_metadata, s
         return
     if wrapped:  # the wrapped structure's keys: the containers load them
         return
-    parent.__dict__[_SWAPPED] = ours
-    for name, child in ours:
-        parent._modules[name] = _original_block(child)
+    blocks = [_original_block(child) for _, child in ours]
+    handles = [b.register_forward_pre_hook(functools.partial(_put_containers_back, parent)) for b in blocks]
+    parent.__dict__[_SWAPPED] = (ours, handles)
+    for (name, _), block in zip(ours, blocks):
+        parent._modules[name] = block
 
 
 def _ours(hooks, fn) -> list:

@@ -217,7 +217,8 @@ class _SpatialSplit(nn.Sequential):
     def __init__(self, block: nn.Module, segments: Sequence[nn.Module]):
         super().__init__(*segments)
         self.__dict__["_block"] = block  # the original block, kept out of the module tree
-        self.__dict__["_mirrors"] = [(seg, "0", *slot) for seg in segments for slot in _slot_of(block, seg[0])]
+        self.__dict__["_slots"] = [[self, str(i), seg, None, None] for i, seg in enumerate(segments)] + [
+            [seg, "0", seg[0], *_slot_of(block, seg[0])] for seg in segments]
         setattr(self, _MARK, True)
         self.training = block.training
 
@@ -257,22 +258,22 @@ def _spatial_parts(block: nn.Module) -> Optional[List[nn.Module]]:
     return parts if len(parts) >= 2 else None
 
 
-def _one_by_one(part: nn.Module, mirrors: list) -> List[nn.Module]:
+def _one_by_one(part: nn.Module, slots: list) -> List[nn.Module]:
     """A SeqToANNContainer of several modules as one container per module (the same result)."""
     if type(part) is SeqToANNContainer and len(part) > 1:
         pieces = [SeqToANNContainer(m) for m in part]
-        mirrors += [(piece, "0", part, name) for piece, name in zip(pieces, part._modules)]
+        slots += [[piece, "0", m, part, name] for piece, (name, m) in zip(pieces, part._modules.items())]
         return pieces
     return [part]
 
 
-def _slot_of(root: nn.Module, module: nn.Module) -> List[Tuple[nn.Module, str]]:
-    """``[(parent, name)]``: the first slot of ``root``'s tree that holds ``module`` (none for ``root`` itself)."""
+def _slot_of(root: nn.Module, module: nn.Module) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """``(parent, name)``: the first slot of ``root``'s tree that holds ``module`` (``(None, None)``: none)."""
     for parent in root.modules():
         for name, child in parent._modules.items():
             if child is module:
-                return [(parent, name)]
-    return []
+                return parent, name
+    return None, None
 
 
 def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk: Optional[int]) -> nn.Module:
@@ -281,17 +282,16 @@ def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk
     Blocks that split spatially run as their parts: a block's own forward holds
     its input until it returns, the segment frees it once the first part is done.
     """
-    modules, mirrors, owners = [], [], []
+    modules, slots, owners = [], [], []
     for block in blocks:
         for part in _spatial_parts(block) or [block]:
-            pieces = _one_by_one(part, mirrors)
+            pieces = _one_by_one(part, slots)
             modules += pieces
             owners += [block] * len(pieces)
     container = _wrap(modules[0], compressor, n_chunk, modules[1:])
     container.__dict__["_block"] = blocks[0]  # the original first block, kept out of the module tree
-    mirrors += [(container, str(k), *slot) for k, (m, block) in enumerate(zip(modules, owners))
-                for slot in _slot_of(block, m)]
-    container.__dict__["_mirrors"] = mirrors
+    slots += [[container, str(k), m, *_slot_of(block, m)] for k, (m, block) in enumerate(zip(modules, owners))]
+    container.__dict__["_slots"] = slots
     return container
 
 
@@ -301,12 +301,25 @@ def _sync_blocks(module: nn.Module) -> None:
     A segment holds the blocks' parts in slots of its own (and one container per
     module of a split SeqToANNContainer): a module put there later (e.g. by
     ``convert_sync_batchnorm`` or an adapter) goes to the original block's slot too,
-    so that saving, loading and :func:`unwrap_gc` see what runs.
+    so that saving, loading and :func:`unwrap_gc` see what runs. A slot of the
+    segment's own (a whole block, a per-module container) cannot be followed.
+
+    Raises:
+        RuntimeError: if such a slot holds another module than the planner put there.
     """
-    for holder, name, parent, slot in module.__dict__.get("_mirrors", ()):
+    for entry in module.__dict__.get("_slots", ()):
+        holder, name, put, parent, slot = entry
         now = holder._modules.get(name)
-        if now is not None and parent._modules.get(slot) is not now:
-            parent._modules[slot] = now
+        if now is put:
+            continue
+        if parent is None:
+            raise RuntimeError(
+                f"snnkit.memopt: the {type(put).__name__} that apply_gc / memory_optimization put at slot {name!r} "
+                f"of a {type(holder).__name__} was replaced by {type(now).__name__}; the original block cannot take "
+                "that replacement, so saving, loading or unwrap_gc would use the old module. Replace modules inside "
+                "the blocks (a convolution, a BatchNorm) instead, or put the old one back."
+            )
+        parent._modules[slot] = entry[2] = now
 
 
 def _original_block(module: nn.Module) -> nn.Module:

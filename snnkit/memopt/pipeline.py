@@ -138,15 +138,17 @@ Both functions put containers at the blocks' sites, which moves the blocks'
 modules to other paths (inside a temporal segment over blocks 0 and 1,
 ``features.1.conv.1.weight`` lives at ``features.0.4.0.weight``), and the paths
 depend on the plan. The original blocks still exist and share their modules
-with the containers (a module put into a container later, e.g. by
-``convert_sync_batchnorm`` or an adapter, goes into the original block too), so
-the parent of each site gets ``state_dict`` and ``load_state_dict`` hooks:
+with the containers (a module inside a block replaced later, e.g. by
+``convert_sync_batchnorm`` or an adapter, goes into the original block too;
+replacing a container's own slot, a whole block or a per-module container, is
+an error at the next save, load or unwrap), so the parent of each site gets
+``state_dict`` and ``load_state_dict`` hooks:
 ``state_dict()`` gives the unwrapped net's entries (keys, order, per-module
 metadata, and a block's own buffers or aliases that its parts do not hold),
 and ``load_state_dict()`` loads into the original blocks, put at their sites
 while the parent's children load, so errors name the unwrapped net's keys (if
-a module's loading code raises, the containers go back at the parent's next
-forward, save or load). A checkpoint therefore loads into the plain net, into
+a module's loading code raises, the containers go back at the next forward
+of the parent or of a block, or at the next save or load). A checkpoint therefore loads into the plain net, into
 the net planned again (the plan may differ from run to run), and back. A dict
 saved with the wrapped structure's keys (before they were kept) loads too; one
 that mixes both is an error. :func:`~snnkit.memopt.unwrap_gc` removes the hooks.
