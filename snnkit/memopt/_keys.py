@@ -5,7 +5,8 @@ which moves the blocks' modules to other paths (in a segment over blocks 0 and
 1, ``features.1.conv.1.weight`` lives at ``features.0.4.0.weight``). The
 original blocks still exist (each container keeps its own) and share their
 modules with the containers (a module replaced inside a container later goes
-into the original block too, see ``_sync_blocks``). So the parent of each site gets hooks:
+into the original block too, see ``_sync_blocks``). So the parent of each
+site gets hooks:
 
 * ``state_dict()``: the entries below the containers are replaced by the
   original blocks' own ``state_dict()`` at the sites: the plain net's keys,
@@ -13,9 +14,9 @@ into the original block too, see ``_sync_blocks``). So the parent of each site g
 * ``load_state_dict()``: while the parent's children load, the original blocks
   stand at the sites (torch's own recursion: metadata, error messages), then
   the containers go back. If the load raises, they go back at the next
-  forward of the parent or of a block, or at the next save or load. A dict with the wrapped structure's keys (as
-  saved before the keys were kept) loads into the containers as it is; a dict
-  that mixes both kinds is an error.
+  forward of the parent or of a block, or at the next save or load. A dict
+  with the wrapped structure's keys (as saved before the keys were kept)
+  loads into the containers as it is; a dict that mixes both is an error.
 """
 import functools
 from typing import List, Tuple
