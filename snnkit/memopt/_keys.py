@@ -60,6 +60,14 @@ def _ours_children(parent: nn.Module) -> List[Tuple[str, nn.Module]]:
     return ours
 
 
+def _note_keep_vars(parent: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """``state_dict`` pre-hook of a site's parent: the post-hook is not given ``keep_vars``."""
+    parent.__dict__[_KEEP_VARS] = keep_vars
+
+
+_KEEP_VARS = "_snnkit_keep_vars"
+
+
 def _save_original_keys(parent: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """``state_dict`` post-hook of a site's parent: the original blocks' entries replace the containers'."""
     ours = dict(_ours_children(parent))
@@ -70,8 +78,7 @@ def _save_original_keys(parent: nn.Module, state_dict, prefix: str, local_metada
     # the entries of the children from the first container on are the last in the dict: re-made in order
     tail = [(prefix + name + ".", name, child) for name, child in children[first:]]
     moved = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(tuple(t[0] for t in tail))]}
-    tensors = {id(t) for child in ours.values() for t in (*child.parameters(), *child.buffers())}
-    keep_vars = any(id(v) in tensors for v in moved.values())  # state_dict(keep_vars=True) gave the tensors
+    keep_vars = parent.__dict__.pop(_KEEP_VARS, False)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         below = tuple(prefix + name + "." for name in ours)
@@ -134,6 +141,7 @@ def _sync_keys(net: nn.Module) -> None:
     for parent in parents:
         wanted = any(_is_ours(child) for _, child in _children(parent))
         for hooks, fn, register in (
+            (parent._state_dict_pre_hooks, _note_keep_vars, parent.register_state_dict_pre_hook),
             (parent._state_dict_hooks, _save_original_keys, parent._register_state_dict_hook),
             (parent._load_state_dict_pre_hooks, _load_original_keys,
              lambda fn: parent._register_load_state_dict_pre_hook(fn, with_module=True)),

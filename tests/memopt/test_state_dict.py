@@ -418,3 +418,26 @@ def test_a_replacement_the_blocks_cannot_follow_is_an_error():
     net[0][1] = nn.Identity()  # a per-module container of block 0 (its BatchNorm), replaced whole
     with pytest.raises(RuntimeError, match="replaced by Identity; the original block cannot take"):
         net.state_dict()
+
+
+def test_keep_vars_gives_the_tensors_themselves():
+    # also where the segments hold no tensor of their own: a block whose only state is its own buffer
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+            self.sn = neuron.IFNode(step_mode="m")
+
+        def forward(self, x):
+            return self.sn(x)
+
+        def __spatial_split__(self):
+            return self.sn, nn.Identity()
+
+    net = nn.Sequential(Counter(), Counter())
+    blocks = [_planner._Block(s) for s in _wrapping._find_blocks(net, Counter)]
+    _planner._put_groups(blocks, [(0, 2, 2)], None)
+    _keys._sync_keys(net)
+    kept = net.state_dict(keep_vars=True)
+    assert kept["0.seen"] is net[0].__dict__["_block"].seen
+    assert net.state_dict()["0.seen"] is not kept["0.seen"]  # detached without keep_vars, as torch does
