@@ -8,7 +8,7 @@ import torch.nn as nn
 from .. import base
 from ..layer import SeqToANNContainer
 from . import compress as _compress
-from .checkpointing import GCContainer, TCGCContainer
+from .checkpointing import GCContainer, TCGCContainer, _FollowsOutside
 from .compress import BaseSpikeCompressor, BitSpikeCompressor, NullSpikeCompressor, _invalid_binary
 
 _MARK = "_snnkit_auto_gc"  # set on every container that apply_gc / memory_optimization made
@@ -211,7 +211,7 @@ def _wrap(block: nn.Module, compressor: BaseSpikeCompressor, n_chunk: Optional[i
     return container
 
 
-class _SpatialSplit(nn.Sequential):
+class _SpatialSplit(_FollowsOutside, nn.Sequential):
     """A block cut into parts that run one after another, each its own GC segment (``segments[i][0]``: part i)."""
 
     def __init__(self, block: nn.Module, segments: Sequence[nn.Module]):
@@ -219,6 +219,7 @@ class _SpatialSplit(nn.Sequential):
         self.__dict__["_block"] = block  # the original block, kept out of the module tree
         self.__dict__["_slots"] = [[self, str(i), seg, None, None] for i, seg in enumerate(segments)] + [
             [seg, "0", seg[0], *_slot_of(block, seg[0])] for seg in segments]
+        self.__dict__["_outside"] = _outside(self, [block])
         setattr(self, _MARK, True)
         self.training = block.training
 
@@ -292,7 +293,15 @@ def _group(blocks: Sequence[nn.Module], compressor: BaseSpikeCompressor, n_chunk
     container.__dict__["_block"] = blocks[0]  # the original first block, kept out of the module tree
     slots += [[container, str(k), m, *_slot_of(block, m)] for k, (m, block) in enumerate(zip(modules, owners))]
     container.__dict__["_slots"] = slots
+    container.__dict__["_outside"] = _outside(container, blocks)
     return container
+
+
+def _outside(container: nn.Module, blocks: Sequence[nn.Module]) -> List[nn.Module]:
+    """The modules of ``blocks`` that ``container``'s tree does not hold (see ``_FollowsOutside``)."""
+    inside = {id(m) for m in container.modules()}
+    out = {id(m): m for block in blocks for m in block.modules() if id(m) not in inside}
+    return list(out.values())
 
 
 def _sync_blocks(module: nn.Module) -> None:

@@ -821,7 +821,28 @@ def to_gc_function(x_compressor: BaseSpikeCompressor, f_forward: Optional[Callab
     return convert if f_forward is None else convert(f_forward)
 
 
-class GCContainer(nn.Sequential):
+class _FollowsOutside:
+    """``.to()``/``.half()`` and ``train()``/``eval()`` also reach ``__dict__["_outside"]``.
+
+    A segment the planner builds from blocks' parts holds the parts only; the
+    modules of the blocks it does not run (the blocks themselves, a split
+    container) keep their own tensors and mode in step with the segment.
+    """
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for module in self.__dict__.get("_outside", ()):
+            module._apply(fn, recurse=False)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.__dict__.get("_outside", ()):
+            module.training = mode
+        return self
+
+
+class GCContainer(_FollowsOutside, nn.Sequential):
     """A GC segment built like :class:`torch.nn.Sequential`.
 
     Stores its input compressed with ``x_compressor`` and recomputes the

@@ -441,3 +441,18 @@ def test_keep_vars_gives_the_tensors_themselves():
     kept = net.state_dict(keep_vars=True)
     assert kept["0.seen"] is net[0].__dict__["_block"].seen
     assert net.state_dict()["0.seen"] is not kept["0.seen"]  # detached without keep_vars, as torch does
+
+
+def test_blocks_follow_dtype_and_mode_of_their_segments():
+    # a block's own buffer and the split containers are outside the segment's tree: they follow it anyway
+    make = lambda: nn.Sequential(*[_OwnState(2 if i == 0 else 8, 8) for i in range(4)])
+    net = memory_optimization(make(), _OwnState, (torch.rand(8, 4, 2, 12, 12) > 0.5).float(), budget=50)
+    assert isinstance(net[1], _wrapping._Merged)
+    net.double().eval()
+    assert all(v.dtype == torch.float64 for v in net.state_dict().values() if torch.is_tensor(v) and v.is_floating_point())
+    unwrap_gc(net)
+    assert all(not m.training for m in net.modules())
+    assert all(t.dtype == torch.float64 for t in (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())))
+    net.train()
+    x = (torch.rand(8, 4, 2, 12, 12) > 0.5).double()
+    assert net(x).dtype == torch.float64
