@@ -70,6 +70,7 @@ _KEEP_VARS = "_snnkit_keep_vars"
 
 def _save_original_keys(parent: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """``state_dict`` post-hook of a site's parent: the original blocks' entries replace the containers'."""
+    keep_vars = parent.__dict__.pop(_KEEP_VARS, False)
     ours = dict(_ours_children(parent))
     children = _children(parent)
     first = next((i for i, (name, _) in enumerate(children) if name in ours), None)
@@ -78,7 +79,6 @@ def _save_original_keys(parent: nn.Module, state_dict, prefix: str, local_metada
     # the entries of the children from the first container on are the last in the dict: re-made in order
     tail = [(prefix + name + ".", name, child) for name, child in children[first:]]
     moved = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(tuple(t[0] for t in tail))]}
-    keep_vars = parent.__dict__.pop(_KEEP_VARS, False)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         below = tuple(prefix + name + "." for name in ours)
