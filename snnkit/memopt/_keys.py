@@ -14,7 +14,8 @@ site gets hooks:
 * ``load_state_dict()``: while the parent's children load, the original blocks
   stand at the sites (torch's own recursion: metadata, error messages), then
   the containers go back. If the load raises, they go back at the next
-  forward of the parent or of a block, or at the next save or load. A dict
+  forward of the parent or after that of the last block, or at the next save
+  or load. A dict
   with the wrapped structure's keys (as saved before the keys were kept)
   loads into the containers as it is; a dict that mixes both is an error.
 """
@@ -31,8 +32,8 @@ _SWAPPED = "_snnkit_swapped_for_load"  # the (name, container) pairs the load po
 def _put_containers_back(parent: nn.Module, *_) -> None:
     """Load post-hook (and forward pre-hook, and before a save or load) of a site's parent.
 
-    After a load that raised, also the forward pre-hook of each original block
-    standing at a site (a parent iterated by its own parent's forward is not called).
+    After a load that raised, also the forward hook of the last original block
+    standing at a site.
     """
     ours, handles = parent.__dict__.pop(_SWAPPED, ((), ()))
     for handle in handles:
@@ -116,7 +117,10 @@ def _load_original_keys(parent: nn.Module, state_dict, prefix, local_metadata, s
     if wrapped:  # the wrapped structure's keys: the containers load them
         return
     blocks = [_original_block(child) for _, child in ours]
-    handles = [b.register_forward_pre_hook(functools.partial(_put_containers_back, parent)) for b in blocks]
+    # after a load that raised, the last block's next forward puts the containers back once it is done: a
+    # parent its own parent iterates (a ModuleList) is not called, and swapping while the loop runs would
+    # hand it a placeholder in place of a block that has not run yet
+    handles = [blocks[-1].register_forward_hook(functools.partial(_put_containers_back, parent))]
     parent.__dict__[_SWAPPED] = (ours, handles)
     for (name, _), block in zip(ours, blocks):
         parent._modules[name] = block
