@@ -135,11 +135,11 @@ def _sync_keys(net: nn.Module) -> None:
     """Hooks on every parent of a container made by apply_gc / memory_optimization; none elsewhere.
 
     The walk does not enter those containers (a parent inside one keeps its hooks).
+    The callers :func:`_heal` the net first.
     """
     parents, todo = [], [net]
     while todo:
         parent = todo.pop()
-        _put_containers_back(parent)
         parents.append(parent)
         todo += [child for _, child in _children(parent) if not _is_ours(child)]
     for parent in parents:

@@ -338,8 +338,6 @@ def _original_block(module: nn.Module) -> nn.Module:
 
 
 def _original(container: nn.Module) -> nn.Module:
-    """The original block of ``container``, ready to go back to its site."""
+    """The original block of ``container``, ready to go back to its site (its mode followed the container's)."""
     _sync_blocks(container)
-    block = _original_block(container)
-    block.training = container.training  # its submodules followed the container's train()/eval() calls
-    return block
+    return _original_block(container)
