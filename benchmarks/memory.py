@@ -15,7 +15,10 @@ bytes still alive after the forward (what the graph and the state retain),
 their ratio to no GC, the step-time ratio to no GC (median of the per-round
 ratios over ``--repeat`` rounds, interquartile range in brackets, without the
 tracker; see ``_timing.py``), the best step time, and whether all gradients
-equal the no-GC run.
+equal the no-GC run. Below the table, the recompute floor: the no-GC step plus
+its forward without a graph (timed in the same rounds), over the no-GC step. A
+checkpointed step recomputes every block once, so no such method can be faster;
+what a method adds above the floor is its own cost (compression, bookkeeping).
 
 On CUDA (``--device cuda``) a second peak column gives the step's
 ``torch.cuda.max_memory_allocated`` above what was allocated before it, the
@@ -170,6 +173,15 @@ def step(net, x, y, tracker=None):
     return retained
 
 
+def forward_only(net, x):
+    """The plain net's forward without a graph: what a full recompute of every block adds to a step."""
+    with torch.no_grad():
+        net(x)
+    reset(net)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=11, help="timing rounds")
@@ -202,8 +214,10 @@ def main():
     # Timing without the tracker: rounds over all variants, the ratio to the baseline per round
     # (see benchmarks/_timing.py: robust to the load of a shared machine).
     names = list(variants)
-    runs = round_robin([lambda net=variants[n][0]: step(net, x, y) for n in names], opts.repeat)
+    steps = [lambda net=variants[n][0]: step(net, x, y) for n in names]
+    runs = round_robin(steps + [lambda: forward_only(variants["no GC"][0], x)], opts.repeat)
     times = dict(zip(names, runs))
+    floor = paired_ratio([b + f for b, f in zip(times["no GC"], runs[-1])], times["no GC"])
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"spiking VGG {','.join(CFG)}, input [T={T}, N={n}, {C}, {H}, {H}], {where}, torch {torch.__version__}, snnkit backend {opts.backend}")
     cuda_col = f" {'cuda peak MiB':>14s}" if alloc else ""
@@ -220,6 +234,10 @@ def main():
             f"{name:28s} {peak / MiB:9.1f}{cuda_val} {retained / MiB:14.2f} {ratio:10.2f}x {slow:6.2f}x ({lo:.2f}-{hi:.2f}) {min(times[name]):7.3f}  "
             f"{'exact' if exact else 'close' if same else 'NO'}"
         )
+    print(
+        f"recompute floor: no-GC step + its forward without a graph = {floor[0]:.2f}x ({floor[1]:.2f}-{floor[2]:.2f}); "
+        "a method that recomputes every block once cannot go below it"
+    )
     plain_saved, gc_saved = saved_bytes_ratio()
     print(
         f"saved for backward, 4-layer spiking MLP (T=8, N=16, width 256): plain {plain_saved / MiB:.2f} MiB, "
