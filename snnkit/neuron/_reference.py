@@ -42,13 +42,44 @@ def charge(x: torch.Tensor, v: torch.Tensor, p: NeuronParams, out: Optional[torc
 
     ``out`` (no-grad use only) receives the result instead of a new tensor.
     """
+    return _charge(x, v, p, None, out)
+
+
+_ONE_PASS_DTYPES = (torch.float32, torch.float64)
+
+
+def _tau_divisor(p: NeuronParams, x: torch.Tensor, v) -> Optional[torch.Tensor]:
+    """``tau`` as a 0-dim CPU tensor for the time loop's one-pass LIF charge, or None.
+
+    ``torch.addcdiv`` rounds ``V + (D / tau)`` as the division and the addition done
+    one after the other would (:func:`charge`'s passes), so multi-step and single-step
+    calls give the same bits. It takes ``tau`` only as a tensor: a 0-dim CPU tensor
+    is cast to the operands' dtype, which keeps ``tau`` as a scalar divisor would in
+    float32 and float64. Elsewhere the passes stay separate: float16/bfloat16 would
+    round ``tau`` to their precision, and on CUDA ``addcdiv`` takes no CPU divisor.
+    Single steps keep the separate passes too: making the tensor costs more than the
+    pass it saves on small tensors. Made per call, never kept.
+    """
+    tensors = (x, v) if isinstance(v, torch.Tensor) else (x,)
+    if p.kind == "lif" and all(t.device.type == "cpu" and t.dtype in _ONE_PASS_DTYPES for t in tensors):
+        return torch.tensor(p.tau, dtype=torch.float64)
+    return None
+
+
+def _charge(x, v, p, tau, out):
+    """:func:`charge`, in one pass over memory where ``tau`` (from :func:`_tau_divisor`) is given."""
     if p.kind == "if":
         return torch.add(v, x, out=out)
     v_minus_rest = v - p.v_rest if p.v_rest != 0.0 else v
     if p.decay_input:  # (X - (V - V_rest)) / tau + V
-        return torch.sub(x, v_minus_rest, out=out).div_(p.tau).add_(v)
+        d = torch.sub(x, v_minus_rest, out=out)
+        if tau is None:
+            return d.div_(p.tau).add_(v)
+        return torch.addcdiv(v, d, tau, out=d if out is not None else None)
     # -(V - V_rest) / tau + V + X
-    return torch.div(v_minus_rest, p.tau, out=out).neg_().add_(v).add_(x)
+    if tau is None:
+        return torch.div(v_minus_rest, p.tau, out=out).neg_().add_(v).add_(x)
+    return torch.addcdiv(v, v_minus_rest, tau, value=-1.0, out=out).add_(x)
 
 
 def fire(h: torch.Tensor, p: NeuronParams) -> torch.Tensor:
@@ -128,8 +159,9 @@ def _forward_loop(x_seq, v, p, store_v_seq, keep_h):
     own = not isinstance(v, torch.Tensor)
     if own:
         v = torch.full_like(x_seq[0], v)
+    tau = _tau_divisor(p, x_seq, v)
     for t in range(x_seq.shape[0]):
-        h = charge(x_seq[t], v, p, out=h_seq[t] if keep_h else h_buf)
+        h = _charge(x_seq[t], v, p, tau, out=h_seq[t] if keep_h else h_buf)
         spike = torch.ge(h, p.v_threshold, out=spike_seq[t])  # float 0/1: Heaviside(h - V_th)
         v = reset(h, spike, p, out=v if own else None)  # not into h: its buffer is reused
         own = True

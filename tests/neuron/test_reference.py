@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from snnkit import surrogate
+from snnkit.neuron._reference import _charge, _tau_divisor, charge
 from snnkit.neuron.functional import NeuronParams, multistep, step
 
 SURROGATE_DERIVATIVES = {  # written from the formulas, independently of snnkit.surrogate
@@ -95,6 +96,37 @@ def test_multistep_equals_single_steps_bit_for_bit(kind, decay_input, v_reset, d
     (gx_single,) = torch.autograd.grad((torch.stack(outs) * grad).sum() + torch.stack(vs).sum(), x)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(gx_multi, gx_single, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay_input", [True, False])
+@pytest.mark.parametrize("v_reset", [0.0, -0.2])
+@pytest.mark.parametrize("tau", [2.0, 1.7, 3.0, 1.0001, 100.0])
+def test_lif_charge_rounds_like_one_operation_at_a_time(dtype, decay_input, v_reset, tau):
+    """The charge, one ``addcdiv`` pass in the time loop, equals numpy's division and additions, bit for bit.
+
+    Magnitudes from subnormal to 1e30, both signs, signed zeros, infinities and NaN;
+    an odd length, so that vectorised loops and their scalar tails are both used.
+    """
+    rng = np.random.default_rng(11)
+    n = 40_001
+    scale = np.logspace(-42 if dtype == np.float32 else -310, 30, n)
+    x = (rng.standard_normal(n) * rng.permutation(scale)).astype(dtype)
+    v = (rng.standard_normal(n) * rng.permutation(scale)).astype(dtype)
+    x[:8] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -0.0, 0.0]
+    v[:8] = [-0.0, 0.0, 1.0, np.inf, 2.0, np.nan, -np.inf, 0.0]
+    t, vr = dtype(tau), dtype(v_reset)
+    with np.errstate(all="ignore"):
+        vmr = v - vr if v_reset != 0.0 else v
+        expected = (x - vmr) / t + v if decay_input else (v - vmr / t) + x
+    p = NeuronParams("lif", 1.0, v_reset, False, surrogate.Sigmoid(), tau=tau, decay_input=decay_input)
+    xt, vt = torch.from_numpy(x), torch.from_numpy(v)
+    divisor = _tau_divisor(p, xt, vt)
+    assert divisor is not None  # the time loop's one-pass form is used for these dtypes
+    for form in (lambda out: charge(xt, vt, p, out=out), lambda out: _charge(xt, vt, p, divisor, out)):
+        np.testing.assert_array_equal(form(None).numpy(), expected)
+        # the no-grad form writes into a buffer of the time loop
+        np.testing.assert_array_equal(form(torch.empty(n, dtype=xt.dtype)).numpy(), expected)
 
 
 def test_golden_lif_trajectory():
