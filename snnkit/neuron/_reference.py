@@ -60,10 +60,10 @@ def _tau_divisor(p: NeuronParams, x: torch.Tensor, v) -> Optional[torch.Tensor]:
     Single steps keep the separate passes too: making the tensor costs more than the
     pass it saves on small tensors. Made per call, never kept.
     """
-    tensors = (x, v) if isinstance(v, torch.Tensor) else (x,)
-    if p.kind == "lif" and all(t.device.type == "cpu" and t.dtype in _ONE_PASS_DTYPES for t in tensors):
+    same = not isinstance(v, torch.Tensor) or (v.dtype == x.dtype and v.device == x.device)
+    if p.kind == "lif" and same and x.device.type == "cpu" and x.dtype in _ONE_PASS_DTYPES:
         return torch.tensor(p.tau, dtype=torch.float64)
-    return None
+    return None  # mixed dtypes too: the passes would round in another dtype than the separate ones
 
 
 def _charge(x, v, p, tau, out):

@@ -129,6 +129,15 @@ def test_lif_charge_rounds_like_one_operation_at_a_time(dtype, decay_input, v_re
         np.testing.assert_array_equal(form(torch.empty(n, dtype=xt.dtype)).numpy(), expected)
 
 
+def test_lif_charge_keeps_separate_passes_where_one_pass_would_round_differently():
+    p = NeuronParams("lif", 1.0, 0.0, False, surrogate.Sigmoid(), tau=1.7)
+    x32 = torch.rand(5)
+    assert _tau_divisor(p, x32, 0.0) is not None and _tau_divisor(p, x32, torch.rand(5)) is not None
+    for x, v in ((x32.half(), 0.0), (x32.bfloat16(), 0.0), (x32, torch.rand(5, dtype=torch.float64))):
+        assert _tau_divisor(p, x, v) is None  # tau would be rounded to half, or the dtypes mixed
+    assert _tau_divisor(NeuronParams("if", 1.0, 0.0, False, surrogate.Sigmoid()), x32, 0.0) is None
+
+
 def test_golden_lif_trajectory():
     # tau = 2, v_reset = 0, constant input 1.5: H = V + (1.5 - V)/2.
     # t0: H = 0.75 -> no spike, V = 0.75; t1: H = 1.125 -> spike, V = 0; t2: H = 0.75; t3: H = 1.125 -> spike.
