@@ -53,16 +53,17 @@ def _tau_divisor(p: NeuronParams, x: torch.Tensor, v) -> Optional[torch.Tensor]:
 
     ``torch.addcdiv`` rounds ``V + (D / tau)`` as the division and the addition done
     one after the other would (:func:`charge`'s passes), so multi-step and single-step
-    calls give the same bits. It takes ``tau`` only as a tensor: a 0-dim CPU tensor
-    is cast to the operands' dtype, which keeps ``tau`` as a scalar divisor would in
-    float32 and float64. Elsewhere the passes stay separate: float16/bfloat16 would
-    round ``tau`` to their precision, and on CUDA ``addcdiv`` takes no CPU divisor.
-    Single steps keep the separate passes too: making the tensor costs more than the
-    pass it saves on small tensors. Made per call, never kept.
+    calls give the same bits. It takes ``tau`` only as a tensor, made here in the
+    input's dtype: ``tau`` rounded as a scalar divisor is in float32 and float64, and
+    no type promotion even where every operand is 0-dim (``x_seq`` of shape ``[T]``).
+    Elsewhere the passes stay separate: float16/bfloat16 would round ``tau`` to their
+    precision, and on CUDA ``addcdiv`` takes no CPU divisor. Single steps keep the
+    separate passes too: making the tensor costs more than the pass it saves on small
+    tensors. Made per call, never kept.
     """
     same = not isinstance(v, torch.Tensor) or (v.dtype == x.dtype and v.device == x.device)
     if p.kind == "lif" and same and x.device.type == "cpu" and x.dtype in _ONE_PASS_DTYPES:
-        return torch.tensor(p.tau, dtype=torch.float64)
+        return torch.scalar_tensor(p.tau, dtype=x.dtype)
     return None  # mixed dtypes too: the passes would round in another dtype than the separate ones
 
 

@@ -138,6 +138,21 @@ def test_lif_charge_keeps_separate_passes_where_one_pass_would_round_differently
     assert _tau_divisor(NeuronParams("if", 1.0, 0.0, False, surrogate.Sigmoid()), x32, 0.0) is None
 
 
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_multistep_of_a_1d_sequence_equals_single_steps_bit_for_bit(decay_input):
+    # x_seq [T]: every operand of a step's charge is 0-dim, where a divisor of another
+    # dtype would win type promotion and round the charge once in that dtype.
+    p = NeuronParams("lif", 1.0, -0.2, False, surrogate.Sigmoid(), tau=1.7, decay_input=decay_input)
+    x = torch.rand(3000, generator=torch.Generator().manual_seed(4)) * 1.5
+    spikes, v_seq = multistep(x, torch.zeros(()), p, store_v_seq=True)
+    v, outs, vs = torch.zeros(()), [], []
+    for x_t in x:
+        s_t, v = step(x_t, v, p)
+        outs.append(s_t)
+        vs.append(v)
+    assert torch.equal(torch.stack(outs), spikes) and torch.equal(torch.stack(vs), v_seq)
+
+
 def test_golden_lif_trajectory():
     # tau = 2, v_reset = 0, constant input 1.5: H = V + (1.5 - V)/2.
     # t0: H = 0.75 -> no spike, V = 0.75; t1: H = 1.125 -> spike, V = 0; t2: H = 0.75; t3: H = 1.125 -> spike.
