@@ -68,7 +68,7 @@ def _tau_divisor(p: NeuronParams, x: torch.Tensor, v) -> Optional[torch.Tensor]:
 
 
 def _charge(x, v, p, tau, out):
-    """:func:`charge`, in one pass over memory where ``tau`` (from :func:`_tau_divisor`) is given."""
+    """:func:`charge`; the division and the addition in one pass where ``tau`` (:func:`_tau_divisor`) is given."""
     if p.kind == "if":
         return torch.add(v, x, out=out)
     v_minus_rest = v - p.v_rest if p.v_rest != 0.0 else v
