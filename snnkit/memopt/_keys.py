@@ -15,9 +15,9 @@ site gets hooks:
   stand at the sites (torch's own recursion: metadata, error messages), then
   the containers go back. If the load raises, they go back at the next
   forward of the parent or after that of the last block, or at the next save
-  or load. A dict
-  with the wrapped structure's keys (as saved before the keys were kept)
-  loads into the containers as it is; a dict that mixes both is an error.
+  or load. A dict with the wrapped structure's keys (as saved before the keys
+  were kept) loads into the containers as it is; a dict that mixes both is an
+  error.
 """
 import functools
 from typing import List, Tuple

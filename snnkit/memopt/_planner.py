@@ -638,10 +638,11 @@ class _Search:
         # (its input is the compressed one; the later blocks' inputs are recomputed and saved)
         bounds += [chain[s].plain_new + sum(chain[k].plain_saved for k in range(s + 1, e))
                    for s, e, kind in groups if kind is None]
-        if max(bounds, default=0) > best:
-            _log.debug("memory_optimization: tails %s hold at least %d at once", tails, max(bounds))
-            self.tried[key] = max(bounds)
-            return self.tried[key]
+        bound = max(bounds, default=0)
+        if bound > best:
+            _log.debug("memory_optimization: tails %s hold at least %d at once", tails, bound)
+            self.tried[key] = bound
+            return bound
         self._put(size, n, tails)
         for b in chain[: start - 1]:
             b.site.put(nn.Identity())

@@ -147,9 +147,10 @@ an error at the next save, load or unwrap), so the parent of each site gets
 metadata, and a block's own buffers or aliases that its parts do not hold),
 and ``load_state_dict()`` loads into the original blocks, put at their sites
 while the parent's children load, so errors name the unwrapped net's keys (if
-a module's loading code raises, the containers go back at the next forward
-of the parent or after that of the last block, or at the next save or load). A checkpoint therefore loads into the plain net, into
-the net planned again (the plan may differ from run to run), and back. A dict
+a module's loading code raises, the containers go back at the next forward of
+the parent or after that of the last block, or at the next save or load). A
+checkpoint therefore loads into the plain net, into the net planned again (the
+plan may differ from run to run), and back. A dict
 saved with the wrapped structure's keys (before they were kept) loads too; one
 that mixes both is an error. :func:`~snnkit.memopt.unwrap_gc` removes the hooks.
 The keys are those of the plain net, not paths of the wrapped one:
